@@ -1,0 +1,959 @@
+//! Configuration: one TOML file, overridable from the environment as `IDGATE__SECTION__KEY`.
+//!
+//! Loading has two steps. [`RawConfig`] mirrors the file (serde, durations in humantime form such
+//! as `"10s"`); [`Config::from_raw`] checks and cross-references it and gathers *every* problem
+//! into one [`ConfigError`] with the path of each, so a bad file is fixed in one pass. The library
+//! never reads the process environment itself: the caller passes the variables in.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::auth::{IssuerSettings, TokenVersion};
+
+/// Every problem found in a configuration, each with its path.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// The file the problems were found in (or `<memory>`).
+    pub source_name: String,
+    /// The problems.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} problem(s):", self.source_name, self.issues.len())?;
+        for issue in &self.issues {
+            writeln!(f, "  {}: {}", issue.path, issue.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted path of the offending key, e.g. `pools[0].targets[1].addr`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw mirror of the file
+// ---------------------------------------------------------------------------------------------
+
+/// The file as written. Every field documents its default.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+pub struct RawConfig {
+    /// `[listener]`: where clients connect.
+    pub listener: RawListener,
+    /// `[[issuers]]`: trusted Entra ID issuers. _Default:_ none (required).
+    pub issuers: Vec<RawIssuer>,
+    /// `[identity]`: how a token becomes a database identity.
+    pub identity: RawIdentity,
+    /// `[routing]`: which pool serves a session.
+    pub routing: RawRouting,
+    /// `[[pools]]`: workgroups. _Default:_ none (required).
+    pub pools: Vec<RawPool>,
+    /// `[audit]`: where audit events go.
+    pub audit: RawAudit,
+    /// `[telemetry]`: logging.
+    pub telemetry: RawTelemetry,
+}
+
+/// `[listener]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawListener {
+    /// Address clients connect to. _Default:_ `"0.0.0.0:5439"` (Redshift's port).
+    pub addr: String,
+    /// PEM certificate chain presented to clients. _Default:_ none (required unless plaintext-only dev).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Dev only: accept a token over plaintext from a loopback client. _Default:_ `false`.
+    pub allow_plaintext: bool,
+    /// Time allowed from accept until the token is read. _Default:_ `"10s"`.
+    pub handshake_timeout: String,
+    /// Maximum concurrent client connections. _Default:_ `10000`.
+    pub max_connections: usize,
+}
+
+impl Default for RawListener {
+    fn default() -> Self {
+        Self {
+            addr: "0.0.0.0:5439".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            allow_plaintext: false,
+            handshake_timeout: "10s".into(),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// `[[issuers]]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawIssuer {
+    /// Label used in audit records. _Default:_ `"entra"`.
+    pub name: String,
+    /// Authority base URL. _Default:_ `"https://login.microsoftonline.com"`.
+    pub authority: String,
+    /// Allowed tenant ids (GUIDs). _Default:_ none (required).
+    pub tenants: Vec<String>,
+    /// Accepted token versions, `"1.0"` and/or `"2.0"`. _Default:_ both.
+    pub accept_versions: Vec<String>,
+    /// Accepted `aud` values, compared exactly. _Default:_ none (required).
+    pub audiences: Vec<String>,
+    /// Delegated tokens must carry one of these in `scp`. _Default:_ none (no requirement).
+    pub required_scopes: Vec<String>,
+    /// App-only tokens must carry one of these in `roles`. _Default:_ none.
+    pub required_app_roles: Vec<String>,
+    /// Clock skew allowed for `exp`/`nbf`/`iat`. _Default:_ `"60s"`.
+    pub leeway: String,
+    /// At most one unknown-`kid` JWKS refetch per interval. _Default:_ `"5m"`.
+    pub jwks_refetch_floor: String,
+    /// Background JWKS refresh interval. _Default:_ `"1h"`.
+    pub jwks_refresh: String,
+    /// Keys keep serving this long while the IdP is unreachable. _Default:_ `"24h"`.
+    pub jwks_max_stale: String,
+    /// Timeout of one discovery/JWKS request. _Default:_ `"5s"`.
+    pub http_timeout: String,
+}
+
+impl Default for RawIssuer {
+    fn default() -> Self {
+        Self {
+            name: "entra".into(),
+            authority: "https://login.microsoftonline.com".into(),
+            tenants: Vec::new(),
+            accept_versions: vec!["1.0".into(), "2.0".into()],
+            audiences: Vec::new(),
+            required_scopes: Vec::new(),
+            required_app_roles: Vec::new(),
+            leeway: "60s".into(),
+            jwks_refetch_floor: "5m".into(),
+            jwks_refresh: "1h".into(),
+            jwks_max_stale: "24h".into(),
+            http_timeout: "5s".into(),
+        }
+    }
+}
+
+/// `[identity]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawIdentity {
+    /// Claims tried in order for the user name. _Default:_ `upn, preferred_username, unique_name, email`.
+    pub user_claims: Vec<String>,
+    /// Prefix of database users and roles (`aad:alice@corp.com`); empty for none. _Default:_ `"aad"`.
+    pub namespace: String,
+    /// Lower-case the mapped user name. _Default:_ `true`.
+    pub lowercase: bool,
+    /// `"must_match"`: a non-empty startup `user` must name the token's identity; `"ignore"`. _Default:_ `"must_match"`.
+    pub client_user: String,
+    /// `"refuse"` or `"ignore_groups"` when the token has a groups overage. _Default:_ `"refuse"`.
+    pub groups_overage: String,
+    /// Only `"keep"` for now (sessions may outlive the token). _Default:_ `"keep"`.
+    pub session_vs_token: String,
+    /// Entra group object id → role name (inside the namespace). _Default:_ empty.
+    pub groups: BTreeMap<String, String>,
+    /// App role value → role name (inside the namespace). _Default:_ empty.
+    pub app_roles: BTreeMap<String, String>,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            user_claims: ["upn", "preferred_username", "unique_name", "email"].map(String::from).to_vec(),
+            namespace: "aad".into(),
+            lowercase: true,
+            client_user: "must_match".into(),
+            groups_overage: "refuse".into(),
+            session_vs_token: "keep".into(),
+            groups: BTreeMap::new(),
+            app_roles: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[routing]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+pub struct RawRouting {
+    /// Pool used for every session. _Default:_ the first pool.
+    pub default_pool: Option<String>,
+}
+
+/// `[[pools]]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawPool {
+    /// Pool name. _Default:_ none (required).
+    pub name: String,
+    /// `"postgres"` (or `"redshift"`, once `backend_auth = "token"` lands). _Default:_ `"postgres"`.
+    pub kind: String,
+    /// `"trust"` or `"password"`. _Default:_ `"trust"`.
+    pub backend_auth: String,
+    /// With `password`: log in as this fixed role instead of the mapped person. _Default:_ none.
+    pub backend_user: Option<String>,
+    /// With `password`: file holding the password. _Default:_ none.
+    pub backend_password_file: Option<PathBuf>,
+    /// With `password`: environment variable holding the password. _Default:_ none.
+    pub backend_password_env: Option<String>,
+    /// `"disable"`, `"require"` or `"verify-full"`. _Default:_ `"disable"`.
+    pub backend_tls: String,
+    /// CA bundle for `verify-full`. _Default:_ the public web roots.
+    pub backend_ca_file: Option<PathBuf>,
+    /// Time allowed for TCP connect to one target. _Default:_ `"5s"`.
+    pub connect_timeout: String,
+    /// Time allowed for the backend login. _Default:_ `"10s"`.
+    pub login_timeout: String,
+    /// Targets, tried round-robin. _Default:_ none (required).
+    pub targets: Vec<RawTarget>,
+}
+
+impl Default for RawPool {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            kind: "postgres".into(),
+            backend_auth: "trust".into(),
+            backend_user: None,
+            backend_password_file: None,
+            backend_password_env: None,
+            backend_tls: "disable".into(),
+            backend_ca_file: None,
+            connect_timeout: "5s".into(),
+            login_timeout: "10s".into(),
+            targets: Vec::new(),
+        }
+    }
+}
+
+/// One `targets` entry.
+#[derive(Debug, Deserialize)]
+pub struct RawTarget {
+    /// `host:port`.
+    pub addr: String,
+    /// Relative weight (used by weighted balancing later). _Default:_ `1`.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[audit]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+pub struct RawAudit {
+    /// JSON-lines file the events are appended to. _Default:_ none.
+    pub file_path: Option<PathBuf>,
+    /// Also write events to standard output. _Default:_ `false`.
+    pub stdout: bool,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawTelemetry {
+    /// `"text"` or `"json"`. _Default:_ `"text"`.
+    pub log_format: String,
+    /// tracing filter directive. _Default:_ `"info"`.
+    pub log_level: String,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self { log_format: "text".into(), log_level: "info".into() }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration
+// ---------------------------------------------------------------------------------------------
+
+/// A checked configuration. Relative file paths are resolved against the file's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listener settings.
+    pub listener: ListenerConfig,
+    /// Trusted issuers.
+    pub issuers: Vec<IssuerSettings>,
+    /// Identity mapping.
+    pub identity: IdentityConfig,
+    /// Pools; `default_pool` indexes into it.
+    pub pools: Vec<PoolConfig>,
+    /// Index of the default pool.
+    pub default_pool: usize,
+    /// Audit settings.
+    pub audit: AuditConfig,
+    /// Telemetry settings.
+    pub telemetry: TelemetryConfig,
+}
+
+/// Listener settings.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Address to bind (the binary binds it; the library takes a bound listener).
+    pub addr: SocketAddr,
+    /// Certificate chain and key, PEM.
+    pub tls: Option<TlsFiles>,
+    /// Dev only: tokens over plaintext from loopback clients.
+    pub allow_plaintext: bool,
+    /// Accept → token-read deadline.
+    pub handshake_timeout: Duration,
+    /// Connection cap.
+    pub max_connections: usize,
+}
+
+/// A certificate chain and its key, as PEM bytes (read at load time).
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// Where the chain came from.
+    pub cert_file: PathBuf,
+    /// Where the key came from.
+    pub key_file: PathBuf,
+    /// PEM chain.
+    pub cert_pem: Vec<u8>,
+    /// PEM key.
+    pub key_pem: crate::types::Secret<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles").field("cert_file", &self.cert_file).field("key_file", &self.key_file).finish()
+    }
+}
+
+/// What a non-empty startup `user` must satisfy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientUserPolicy {
+    /// It must name the mapped identity (with or without the namespace, case-insensitively).
+    MustMatch,
+    /// It is ignored.
+    Ignore,
+}
+
+/// What to do when a token's groups did not fit in it (`_claim_names.groups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupsOverage {
+    /// Refuse the login.
+    Refuse,
+    /// Log in without group roles.
+    IgnoreGroups,
+}
+
+/// Identity mapping settings.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Claims tried in order for the user name.
+    pub user_claims: Vec<String>,
+    /// Namespace prefix without the colon; empty for none.
+    pub namespace: String,
+    /// Lower-case the user name.
+    pub lowercase: bool,
+    /// Startup `user` policy.
+    pub client_user: ClientUserPolicy,
+    /// Overage policy.
+    pub groups_overage: GroupsOverage,
+    /// Group object id → role name.
+    pub groups: HashMap<String, String>,
+    /// App role → role name.
+    pub app_roles: HashMap<String, String>,
+}
+
+/// The kind of database behind a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolKind {
+    /// Stock PostgreSQL.
+    Postgres,
+    /// Amazon Redshift.
+    Redshift,
+}
+
+/// How idgate logs in to a pool's backends.
+#[derive(Debug, Clone)]
+pub enum BackendAuth {
+    /// As the mapped user; the backend trusts idgate's address (development).
+    Trust,
+    /// With a password from a file or environment variable (SCRAM-SHA-256, MD5 or cleartext).
+    Password {
+        /// Fixed service role, or `None` to log in as the mapped user.
+        user: Option<String>,
+        /// The password.
+        password: crate::types::Secret<String>,
+    },
+}
+
+/// TLS towards the backend.
+#[derive(Debug, Clone)]
+pub enum BackendTls {
+    /// Plain TCP.
+    Disable,
+    /// TLS without certificate verification.
+    Require,
+    /// TLS with chain and host name verification against `ca` (PEM) or the web roots.
+    VerifyFull {
+        /// CA bundle (PEM), or `None` for the public web roots.
+        ca_pem: Option<Vec<u8>>,
+    },
+}
+
+/// One pool (workgroup).
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: PoolKind,
+    /// Backend login.
+    pub backend_auth: BackendAuth,
+    /// Backend TLS.
+    pub backend_tls: BackendTls,
+    /// TCP connect timeout per target.
+    pub connect_timeout: Duration,
+    /// Backend login timeout.
+    pub login_timeout: Duration,
+    /// Targets.
+    pub targets: Vec<TargetConfig>,
+}
+
+/// One target.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// `host:port` as written.
+    pub addr: String,
+    /// Host part (for TLS server name).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Weight.
+    pub weight: u32,
+}
+
+/// Audit settings.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// JSON-lines file.
+    pub file_path: Option<PathBuf>,
+    /// Also print events to stdout.
+    pub stdout: bool,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Telemetry settings.
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// Output format.
+    pub log_format: LogFormat,
+    /// Filter directive.
+    pub log_level: String,
+}
+
+impl Config {
+    /// Load `path`, apply `IDGATE__SECTION__KEY` overrides from `env`, and validate.
+    pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| single(&name, "", format!("cannot read the file: {e}")))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::from_toml(&text, &name, &base, env)
+    }
+
+    /// Parse and validate TOML text. `base` resolves relative paths; `env` supplies overrides and
+    /// `*_env` secrets.
+    pub fn from_toml(text: &str, name: &str, base: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let overrides: config::Map<String, String> =
+            env.iter().filter(|(k, _)| k.starts_with("IDGATE__")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("IDGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(overrides)),
+            )
+            .build()
+            .map_err(|e| single(name, "", format!("not valid TOML: {e}")))?;
+        let value: serde_json::Value =
+            built.try_deserialize().map_err(|e| single(name, "", format!("cannot read the file: {e}")))?;
+        let mut issues = Vec::new();
+        let mut unknown = Vec::new();
+        let raw: RawConfig = {
+            let mut track = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+            let de = serde_ignored::Deserializer::new(value, &mut track);
+            match serde_path_to_error::deserialize(de) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    let path = e.path().to_string();
+                    return Err(single(name, &path, e.into_inner().to_string()));
+                }
+            }
+        };
+        for path in unknown {
+            issues.push(ConfigIssue { path, message: "unknown key (check the spelling against the README)".into() });
+        }
+        let mut v = Validator { issues, base: base.to_path_buf(), env };
+        let config = v.config(raw);
+        if v.issues.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        Err(ConfigError { source_name: name.to_owned(), issues: v.issues })
+    }
+}
+
+fn single(name: &str, path: &str, message: String) -> ConfigError {
+    ConfigError {
+        source_name: name.to_owned(),
+        issues: vec![ConfigIssue { path: if path.is_empty() { "(file)".into() } else { path.into() }, message }],
+    }
+}
+
+struct Validator<'a> {
+    issues: Vec<ConfigIssue>,
+    base: PathBuf,
+    env: &'a HashMap<String, String>,
+}
+
+impl Validator<'_> {
+    fn issue(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue { path: path.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, path: &str, value: &str) -> Duration {
+        match humantime::parse_duration(value) {
+            Ok(d) => d,
+            Err(e) => {
+                self.issue(path, format!("{value:?} is not a duration such as \"10s\" or \"5m\": {e}"));
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn read_file(&mut self, path: &str, file: &Path) -> Option<Vec<u8>> {
+        let full = self.resolve(file);
+        match std::fs::read(&full) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                self.issue(path, format!("cannot read {}: {e}", full.display()));
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let listener = self.listener(raw.listener);
+        if raw.issuers.is_empty() {
+            self.issue("issuers", "at least one [[issuers]] entry is required");
+        }
+        let issuers: Vec<_> = raw.issuers.into_iter().enumerate().map(|(i, r)| self.issuer(i, r)).collect();
+        let identity = self.identity(raw.identity);
+        if raw.pools.is_empty() {
+            self.issue("pools", "at least one [[pools]] entry is required");
+        }
+        let mut names: Vec<String> = Vec::new();
+        let mut pools = Vec::new();
+        for (i, r) in raw.pools.into_iter().enumerate() {
+            if names.contains(&r.name) {
+                self.issue(format!("pools[{i}].name"), format!("pool name {:?} is used twice", r.name));
+            }
+            names.push(r.name.clone());
+            pools.push(self.pool(i, r));
+        }
+        let default_pool = match &raw.routing.default_pool {
+            None => 0,
+            Some(name) => match names.iter().position(|n| n == name) {
+                Some(i) => i,
+                None => {
+                    self.issue("routing.default_pool", format!("no pool is named {name:?}"));
+                    0
+                }
+            },
+        };
+        let telemetry = TelemetryConfig {
+            log_format: match raw.telemetry.log_format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    self.issue("telemetry.log_format", format!("{other:?} is not one of \"text\", \"json\""));
+                    LogFormat::Text
+                }
+            },
+            log_level: raw.telemetry.log_level,
+        };
+        let audit = AuditConfig { file_path: raw.audit.file_path.map(|p| self.resolve(&p)), stdout: raw.audit.stdout };
+        Some(Config {
+            listener: listener?,
+            issuers: issuers.into_iter().collect::<Option<Vec<_>>>()?,
+            identity,
+            pools: pools.into_iter().collect::<Option<Vec<_>>>()?,
+            default_pool,
+            audit,
+            telemetry,
+        })
+    }
+
+    fn listener(&mut self, raw: RawListener) -> Option<ListenerConfig> {
+        let addr = raw.addr.parse::<SocketAddr>().map_err(|e| {
+            self.issue("listener.addr", format!("{:?} is not an address such as \"0.0.0.0:5439\": {e}", raw.addr))
+        });
+        let handshake_timeout = self.duration("listener.handshake_timeout", &raw.handshake_timeout);
+        if raw.max_connections == 0 {
+            self.issue("listener.max_connections", "must be at least 1");
+        }
+        let tls = match (raw.tls_cert_file, raw.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = self.read_file("listener.tls_cert_file", &cert);
+                let key_pem = self.read_file("listener.tls_key_file", &key);
+                match (cert_pem, key_pem) {
+                    (Some(cert_pem), Some(key_pem)) => {
+                        let files = TlsFiles {
+                            cert_file: self.resolve(&cert),
+                            key_file: self.resolve(&key),
+                            cert_pem,
+                            key_pem: crate::types::Secret::new(key_pem),
+                        };
+                        if let Err(e) = crate::net::tls::server_config(&files) {
+                            self.issue("listener.tls_cert_file", e.to_string());
+                        }
+                        Some(files)
+                    }
+                    _ => None,
+                }
+            }
+            (None, None) => {
+                if !raw.allow_plaintext {
+                    self.issue(
+                        "listener.tls_cert_file",
+                        "TLS is required: set tls_cert_file and tls_key_file (or allow_plaintext = true for local development)",
+                    );
+                }
+                None
+            }
+            (Some(_), None) => {
+                self.issue("listener.tls_key_file", "tls_cert_file is set but tls_key_file is not");
+                None
+            }
+            (None, Some(_)) => {
+                self.issue("listener.tls_cert_file", "tls_key_file is set but tls_cert_file is not");
+                None
+            }
+        };
+        Some(ListenerConfig {
+            addr: addr.ok()?,
+            tls,
+            allow_plaintext: raw.allow_plaintext,
+            handshake_timeout,
+            max_connections: raw.max_connections,
+        })
+    }
+
+    fn issuer(&mut self, i: usize, raw: RawIssuer) -> Option<IssuerSettings> {
+        let p = format!("issuers[{i}]");
+        let authority = raw.authority.trim_end_matches('/').to_owned();
+        match reqwest::Url::parse(&authority) {
+            Ok(url) => {
+                let loopback = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
+                    || url.host_str().is_some_and(|h| h.starts_with("127."));
+                if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+                    self.issue(format!("{p}.authority"), "must be an https:// URL (http:// only for a loopback dev IdP)");
+                }
+            }
+            Err(e) => self.issue(format!("{p}.authority"), format!("{authority:?} is not a URL: {e}")),
+        }
+        if raw.tenants.is_empty() {
+            self.issue(format!("{p}.tenants"), "list at least one tenant id (GUID); any-tenant is never accepted");
+        }
+        for (j, t) in raw.tenants.iter().enumerate() {
+            if !is_canonical_guid(t) {
+                self.issue(format!("{p}.tenants[{j}]"), format!("{t:?} is not a lower-case GUID"));
+            }
+        }
+        if raw.audiences.is_empty() {
+            self.issue(format!("{p}.audiences"), "list the accepted audiences (api://<app> and/or the app's GUID)");
+        }
+        let mut versions = Vec::new();
+        for (j, v) in raw.accept_versions.iter().enumerate() {
+            match v.as_str() {
+                "1.0" => versions.push(TokenVersion::V1),
+                "2.0" => versions.push(TokenVersion::V2),
+                other => self.issue(format!("{p}.accept_versions[{j}]"), format!("{other:?} is not \"1.0\" or \"2.0\"")),
+            }
+        }
+        if versions.is_empty() {
+            self.issue(format!("{p}.accept_versions"), "accept at least one of \"1.0\", \"2.0\"");
+        }
+        Some(IssuerSettings {
+            name: raw.name,
+            authority,
+            tenants: raw.tenants,
+            accept_versions: versions,
+            audiences: raw.audiences,
+            required_scopes: raw.required_scopes,
+            required_app_roles: raw.required_app_roles,
+            leeway: self.duration(&format!("{p}.leeway"), &raw.leeway),
+            jwks_refetch_floor: self.duration(&format!("{p}.jwks_refetch_floor"), &raw.jwks_refetch_floor),
+            jwks_refresh: self.duration(&format!("{p}.jwks_refresh"), &raw.jwks_refresh),
+            jwks_max_stale: self.duration(&format!("{p}.jwks_max_stale"), &raw.jwks_max_stale),
+            http_timeout: self.duration(&format!("{p}.http_timeout"), &raw.http_timeout),
+        })
+    }
+
+    fn identity(&mut self, raw: RawIdentity) -> IdentityConfig {
+        if raw.user_claims.is_empty() {
+            self.issue("identity.user_claims", "list at least one claim, e.g. [\"upn\", \"preferred_username\"]");
+        }
+        if raw.namespace.contains(':') {
+            self.issue("identity.namespace", "write the namespace without the colon, e.g. \"aad\"");
+        }
+        let client_user = match raw.client_user.as_str() {
+            "must_match" => ClientUserPolicy::MustMatch,
+            "ignore" => ClientUserPolicy::Ignore,
+            other => {
+                self.issue("identity.client_user", format!("{other:?} is not \"must_match\" or \"ignore\""));
+                ClientUserPolicy::MustMatch
+            }
+        };
+        let groups_overage = match raw.groups_overage.as_str() {
+            "refuse" => GroupsOverage::Refuse,
+            "ignore_groups" => GroupsOverage::IgnoreGroups,
+            other => {
+                self.issue("identity.groups_overage", format!("{other:?} is not \"refuse\" or \"ignore_groups\""));
+                GroupsOverage::Refuse
+            }
+        };
+        if raw.session_vs_token != "keep" {
+            self.issue("identity.session_vs_token", "only \"keep\" is supported in this version");
+        }
+        for (k, v) in raw.groups.iter().chain(raw.app_roles.iter()) {
+            if v.is_empty() || v.contains(':') {
+                self.issue(format!("identity.groups.{k}"), "role names must be non-empty and written without the namespace");
+            }
+        }
+        IdentityConfig {
+            user_claims: raw.user_claims,
+            namespace: raw.namespace,
+            lowercase: raw.lowercase,
+            client_user,
+            groups_overage,
+            groups: raw.groups.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+            app_roles: raw.app_roles.into_iter().collect(),
+        }
+    }
+
+    fn pool(&mut self, i: usize, raw: RawPool) -> Option<PoolConfig> {
+        let p = format!("pools[{i}]");
+        if raw.name.is_empty() {
+            self.issue(format!("{p}.name"), "every pool needs a name");
+        }
+        let kind = match raw.kind.as_str() {
+            "postgres" => PoolKind::Postgres,
+            "redshift" => {
+                self.issue(
+                    format!("{p}.kind"),
+                    "\"redshift\" pools need backend_auth = \"token\", which this version does not support yet",
+                );
+                PoolKind::Redshift
+            }
+            other => {
+                self.issue(format!("{p}.kind"), format!("{other:?} is not \"postgres\" or \"redshift\""));
+                PoolKind::Postgres
+            }
+        };
+        let backend_auth = match raw.backend_auth.as_str() {
+            "trust" => Some(BackendAuth::Trust),
+            "password" => {
+                let password = match (&raw.backend_password_file, &raw.backend_password_env) {
+                    (Some(file), None) => self
+                        .read_file(&format!("{p}.backend_password_file"), file)
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .map(|s| s.trim_end_matches(['\r', '\n']).to_owned()),
+                    (None, Some(var)) => match self.env.get(var) {
+                        Some(v) => Some(v.clone()),
+                        None => {
+                            self.issue(format!("{p}.backend_password_env"), format!("environment variable {var} is not set"));
+                            None
+                        }
+                    },
+                    _ => {
+                        self.issue(
+                            format!("{p}.backend_auth"),
+                            "\"password\" needs exactly one of backend_password_file, backend_password_env (never the password itself)",
+                        );
+                        None
+                    }
+                };
+                password.map(|pw| BackendAuth::Password { user: raw.backend_user.clone(), password: crate::types::Secret::new(pw) })
+            }
+            other => {
+                self.issue(format!("{p}.backend_auth"), format!("{other:?} is not \"trust\" or \"password\""));
+                None
+            }
+        };
+        if raw.backend_user.is_some() && raw.backend_auth != "password" {
+            self.issue(format!("{p}.backend_user"), "backend_user only applies to backend_auth = \"password\"");
+        }
+        let backend_tls = match raw.backend_tls.as_str() {
+            "disable" => BackendTls::Disable,
+            "require" => BackendTls::Require,
+            "verify-full" => BackendTls::VerifyFull {
+                ca_pem: raw.backend_ca_file.as_ref().and_then(|f| self.read_file(&format!("{p}.backend_ca_file"), f)),
+            },
+            other => {
+                self.issue(format!("{p}.backend_tls"), format!("{other:?} is not \"disable\", \"require\" or \"verify-full\""));
+                BackendTls::Disable
+            }
+        };
+        if raw.targets.is_empty() {
+            self.issue(format!("{p}.targets"), "list at least one target, e.g. { addr = \"10.0.1.10:5432\" }");
+        }
+        let mut targets = Vec::new();
+        for (j, t) in raw.targets.into_iter().enumerate() {
+            match split_host_port(&t.addr) {
+                Some((host, port)) => targets.push(TargetConfig { host, port, addr: t.addr, weight: t.weight }),
+                None => self.issue(format!("{p}.targets[{j}].addr"), format!("{:?} is not host:port", t.addr)),
+            }
+        }
+        Some(PoolConfig {
+            name: raw.name,
+            kind,
+            backend_auth: backend_auth?,
+            backend_tls,
+            connect_timeout: self.duration(&format!("{p}.connect_timeout"), &raw.connect_timeout),
+            login_timeout: self.duration(&format!("{p}.login_timeout"), &raw.login_timeout),
+            targets,
+        })
+    }
+}
+
+fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port))
+}
+
+/// A lower-case GUID `8-4-4-4-12`.
+pub fn is_canonical_guid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[listener]
+addr = "127.0.0.1:0"
+allow_plaintext = true
+
+[[issuers]]
+authority = "http://127.0.0.1:1"
+tenants = ["00000000-0000-4000-8000-00000000c0de"]
+audiences = ["api://idgate"]
+
+[identity.groups]
+"0B6A9A3E-6F4A-4C1E-9A7E-0C5D1F7E2A11" = "analysts"
+
+[identity.app_roles]
+"db.read" = "readers"
+
+[[pools]]
+name = "main"
+targets = [{ addr = "127.0.0.1:5432" }]
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = Config::from_toml(MINIMAL, "t", Path::new("."), &HashMap::new()).unwrap();
+        assert_eq!(c.listener.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.identity.namespace, "aad");
+        assert_eq!(c.identity.app_roles.get("db.read").map(String::as_str), Some("readers"));
+        assert_eq!(
+            c.identity.groups.get("0b6a9a3e-6f4a-4c1e-9a7e-0c5d1f7e2a11").map(String::as_str),
+            Some("analysts")
+        );
+        assert_eq!(c.pools[0].targets[0].port, 5432);
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let env = HashMap::from([("IDGATE__LISTENER__HANDSHAKE_TIMEOUT".to_owned(), "3s".to_owned())]);
+        let c = Config::from_toml(MINIMAL, "t", Path::new("."), &env).unwrap();
+        assert_eq!(c.listener.handshake_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let bad = r#"
+[listener]
+addr = "nope"
+handshake_timeout = "soon"
+colour = "blue"
+
+[[issuers]]
+authority = "http://example.com"
+tenants = ["ABC"]
+audiences = []
+
+[[pools]]
+name = "a"
+backend_auth = "password"
+targets = [{ addr = "no-port" }]
+"#;
+        let err = Config::from_toml(bad, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in [
+            "listener.colour",
+            "listener.addr",
+            "listener.handshake_timeout",
+            "listener.tls_cert_file",
+            "issuers[0].authority",
+            "issuers[0].tenants[0]",
+            "issuers[0].audiences",
+            "pools[0].backend_auth",
+            "pools[0].targets[0].addr",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+}
