@@ -150,7 +150,9 @@ pub struct AuditSinks {
 impl AuditLog {
     /// Start the writer task. It ends, after writing everything queued, once every `AuditLog`
     /// clone is dropped; await the returned handle to be sure everything is on disk.
-    pub async fn start(sinks: AuditSinks) -> std::io::Result<(AuditLog, tokio::task::JoinHandle<()>)> {
+    pub async fn start(
+        sinks: AuditSinks,
+    ) -> std::io::Result<(AuditLog, tokio::task::JoinHandle<()>)> {
         let mut file = match &sinks.file {
             Some(path) => {
                 if let Some(dir) = path.parent() {
@@ -158,7 +160,13 @@ impl AuditLog {
                         tokio::fs::create_dir_all(dir).await?;
                     }
                 }
-                Some(tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?)
+                Some(
+                    tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .await?,
+                )
             }
             None => None,
         };
@@ -210,7 +218,12 @@ impl AuditLog {
 }
 
 /// Build an event with a fresh id and the current time.
-pub fn event(kind: EventKind, session_id: SessionId, client_addr: Option<SocketAddr>, facts: &SessionFacts) -> AuditEvent {
+pub fn event(
+    kind: EventKind,
+    session_id: SessionId,
+    client_addr: Option<SocketAddr>,
+    facts: &SessionFacts,
+) -> AuditEvent {
     AuditEvent {
         event_id: uuid::Uuid::new_v4(),
         time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),

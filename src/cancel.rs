@@ -46,7 +46,16 @@ impl CancelMap {
             }
             let secret_key: i32 = rand::random();
             map.insert(process_id, (secret_key, target));
-            return (CancelKey { process_id, secret_key }, CancelRegistration { map: self.clone(), process_id });
+            return (
+                CancelKey {
+                    process_id,
+                    secret_key,
+                },
+                CancelRegistration {
+                    map: self.clone(),
+                    process_id,
+                },
+            );
         }
     }
 

@@ -15,7 +15,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::auth::{IssuerSettings, TokenVersion};
+use crate::auth::{is_canonical_guid, IssuerSettings, TokenVersion};
 
 /// Every problem found in a configuration, each with its path.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,9 @@ pub struct RawIssuer {
     pub jwks_max_stale: String,
     /// Timeout of one discovery/JWKS request. _Default:_ `"5s"`.
     pub http_timeout: String,
+    /// Development only: accept a plain-http authority that is not loopback (docker-compose's
+    /// dev IdP). _Default:_ `false`.
+    pub allow_http: bool,
 }
 
 impl Default for RawIssuer {
@@ -145,6 +148,7 @@ impl Default for RawIssuer {
             jwks_refresh: "1h".into(),
             jwks_max_stale: "24h".into(),
             http_timeout: "5s".into(),
+            allow_http: false,
         }
     }
 }
@@ -174,7 +178,9 @@ pub struct RawIdentity {
 impl Default for RawIdentity {
     fn default() -> Self {
         Self {
-            user_claims: ["upn", "preferred_username", "unique_name", "email"].map(String::from).to_vec(),
+            user_claims: ["upn", "preferred_username", "unique_name", "email"]
+                .map(String::from)
+                .to_vec(),
             namespace: "aad".into(),
             lowercase: true,
             client_user: "must_match".into(),
@@ -276,7 +282,10 @@ pub struct RawTelemetry {
 
 impl Default for RawTelemetry {
     fn default() -> Self {
-        Self { log_format: "text".into(), log_level: "info".into() }
+        Self {
+            log_format: "text".into(),
+            log_level: "info".into(),
+        }
     }
 }
 
@@ -333,7 +342,10 @@ pub struct TlsFiles {
 
 impl fmt::Debug for TlsFiles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsFiles").field("cert_file", &self.cert_file).field("key_file", &self.key_file).finish()
+        f.debug_struct("TlsFiles")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
     }
 }
 
@@ -475,16 +487,25 @@ impl Config {
     /// Load `path`, apply `IDGATE__SECTION__KEY` overrides from `env`, and validate.
     pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| single(&name, "", format!("cannot read the file: {e}")))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| single(&name, "", format!("cannot read the file: {e}")))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::from_toml(&text, &name, &base, env)
     }
 
     /// Parse and validate TOML text. `base` resolves relative paths; `env` supplies overrides and
     /// `*_env` secrets.
-    pub fn from_toml(text: &str, name: &str, base: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let overrides: config::Map<String, String> =
-            env.iter().filter(|(k, _)| k.starts_with("IDGATE__")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    pub fn from_toml(
+        text: &str,
+        name: &str,
+        base: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let overrides: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("IDGATE__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(
@@ -496,39 +517,74 @@ impl Config {
             )
             .build()
             .map_err(|e| single(name, "", format!("not valid TOML: {e}")))?;
-        let value: serde_json::Value =
-            built.try_deserialize().map_err(|e| single(name, "", format!("cannot read the file: {e}")))?;
+        let value: serde_json::Value = built
+            .try_deserialize()
+            .map_err(|e| single(name, "", format!("cannot read the file: {e}")))?;
         let mut issues = Vec::new();
         let mut unknown = Vec::new();
         let raw: RawConfig = {
-            let mut track = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+            let mut track =
+                |path: serde_ignored::Path<'_>| unknown.push(bracket_indices(&path.to_string()));
             let de = serde_ignored::Deserializer::new(value, &mut track);
             match serde_path_to_error::deserialize(de) {
                 Ok(raw) => raw,
                 Err(e) => {
-                    let path = e.path().to_string();
+                    let path = bracket_indices(&e.path().to_string());
                     return Err(single(name, &path, e.into_inner().to_string()));
                 }
             }
         };
         for path in unknown {
-            issues.push(ConfigIssue { path, message: "unknown key (check the spelling against the README)".into() });
+            issues.push(ConfigIssue {
+                path,
+                message: "unknown key (check the spelling against the README)".into(),
+            });
         }
-        let mut v = Validator { issues, base: base.to_path_buf(), env };
+        let mut v = Validator {
+            issues,
+            base: base.to_path_buf(),
+            env,
+        };
         let config = v.config(raw);
         if v.issues.is_empty() {
             if let Some(config) = config {
                 return Ok(config);
             }
         }
-        Err(ConfigError { source_name: name.to_owned(), issues: v.issues })
+        Err(ConfigError {
+            source_name: name.to_owned(),
+            issues: v.issues,
+        })
     }
+}
+
+/// `pools.0.targets.1.addr` → `pools[0].targets[1].addr`.
+fn bracket_indices(path: &str) -> String {
+    let mut out = String::new();
+    for seg in path.split('.') {
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
 }
 
 fn single(name: &str, path: &str, message: String) -> ConfigError {
     ConfigError {
         source_name: name.to_owned(),
-        issues: vec![ConfigIssue { path: if path.is_empty() { "(file)".into() } else { path.into() }, message }],
+        issues: vec![ConfigIssue {
+            path: if path.is_empty() {
+                "(file)".into()
+            } else {
+                path.into()
+            },
+            message,
+        }],
     }
 }
 
@@ -540,14 +596,20 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn issue(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(ConfigIssue { path: path.into(), message: message.into() });
+        self.issues.push(ConfigIssue {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     fn duration(&mut self, path: &str, value: &str) -> Duration {
         match humantime::parse_duration(value) {
             Ok(d) => d,
             Err(e) => {
-                self.issue(path, format!("{value:?} is not a duration such as \"10s\" or \"5m\": {e}"));
+                self.issue(
+                    path,
+                    format!("{value:?} is not a duration such as \"10s\" or \"5m\": {e}"),
+                );
                 Duration::ZERO
             }
         }
@@ -577,7 +639,12 @@ impl Validator<'_> {
         if raw.issuers.is_empty() {
             self.issue("issuers", "at least one [[issuers]] entry is required");
         }
-        let issuers: Vec<_> = raw.issuers.into_iter().enumerate().map(|(i, r)| self.issuer(i, r)).collect();
+        let issuers: Vec<_> = raw
+            .issuers
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| self.issuer(i, r))
+            .collect();
         let identity = self.identity(raw.identity);
         if raw.pools.is_empty() {
             self.issue("pools", "at least one [[pools]] entry is required");
@@ -586,7 +653,10 @@ impl Validator<'_> {
         let mut pools = Vec::new();
         for (i, r) in raw.pools.into_iter().enumerate() {
             if names.contains(&r.name) {
-                self.issue(format!("pools[{i}].name"), format!("pool name {:?} is used twice", r.name));
+                self.issue(
+                    format!("pools[{i}].name"),
+                    format!("pool name {:?} is used twice", r.name),
+                );
             }
             names.push(r.name.clone());
             pools.push(self.pool(i, r));
@@ -606,13 +676,19 @@ impl Validator<'_> {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
                 other => {
-                    self.issue("telemetry.log_format", format!("{other:?} is not one of \"text\", \"json\""));
+                    self.issue(
+                        "telemetry.log_format",
+                        format!("{other:?} is not one of \"text\", \"json\""),
+                    );
                     LogFormat::Text
                 }
             },
             log_level: raw.telemetry.log_level,
         };
-        let audit = AuditConfig { file_path: raw.audit.file_path.map(|p| self.resolve(&p)), stdout: raw.audit.stdout };
+        let audit = AuditConfig {
+            file_path: raw.audit.file_path.map(|p| self.resolve(&p)),
+            stdout: raw.audit.stdout,
+        };
         Some(Config {
             listener: listener?,
             issuers: issuers.into_iter().collect::<Option<Vec<_>>>()?,
@@ -626,7 +702,13 @@ impl Validator<'_> {
 
     fn listener(&mut self, raw: RawListener) -> Option<ListenerConfig> {
         let addr = raw.addr.parse::<SocketAddr>().map_err(|e| {
-            self.issue("listener.addr", format!("{:?} is not an address such as \"0.0.0.0:5439\": {e}", raw.addr))
+            self.issue(
+                "listener.addr",
+                format!(
+                    "{:?} is not an address such as \"0.0.0.0:5439\": {e}",
+                    raw.addr
+                ),
+            )
         });
         let handshake_timeout = self.duration("listener.handshake_timeout", &raw.handshake_timeout);
         if raw.max_connections == 0 {
@@ -662,11 +744,17 @@ impl Validator<'_> {
                 None
             }
             (Some(_), None) => {
-                self.issue("listener.tls_key_file", "tls_cert_file is set but tls_key_file is not");
+                self.issue(
+                    "listener.tls_key_file",
+                    "tls_cert_file is set but tls_key_file is not",
+                );
                 None
             }
             (None, Some(_)) => {
-                self.issue("listener.tls_cert_file", "tls_key_file is set but tls_cert_file is not");
+                self.issue(
+                    "listener.tls_cert_file",
+                    "tls_key_file is set but tls_cert_file is not",
+                );
                 None
             }
         };
@@ -686,33 +774,56 @@ impl Validator<'_> {
             Ok(url) => {
                 let loopback = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"))
                     || url.host_str().is_some_and(|h| h.starts_with("127."));
-                if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
-                    self.issue(format!("{p}.authority"), "must be an https:// URL (http:// only for a loopback dev IdP)");
+                if url.scheme() != "https"
+                    && !(url.scheme() == "http" && (loopback || raw.allow_http))
+                {
+                    self.issue(
+                        format!("{p}.authority"),
+                        "must be an https:// URL (http:// only for a loopback dev IdP)",
+                    );
                 }
             }
-            Err(e) => self.issue(format!("{p}.authority"), format!("{authority:?} is not a URL: {e}")),
+            Err(e) => self.issue(
+                format!("{p}.authority"),
+                format!("{authority:?} is not a URL: {e}"),
+            ),
         }
         if raw.tenants.is_empty() {
-            self.issue(format!("{p}.tenants"), "list at least one tenant id (GUID); any-tenant is never accepted");
+            self.issue(
+                format!("{p}.tenants"),
+                "list at least one tenant id (GUID); any-tenant is never accepted",
+            );
         }
         for (j, t) in raw.tenants.iter().enumerate() {
             if !is_canonical_guid(t) {
-                self.issue(format!("{p}.tenants[{j}]"), format!("{t:?} is not a lower-case GUID"));
+                self.issue(
+                    format!("{p}.tenants[{j}]"),
+                    format!("{t:?} is not a lower-case GUID"),
+                );
             }
         }
         if raw.audiences.is_empty() {
-            self.issue(format!("{p}.audiences"), "list the accepted audiences (api://<app> and/or the app's GUID)");
+            self.issue(
+                format!("{p}.audiences"),
+                "list the accepted audiences (api://<app> and/or the app's GUID)",
+            );
         }
         let mut versions = Vec::new();
         for (j, v) in raw.accept_versions.iter().enumerate() {
             match v.as_str() {
                 "1.0" => versions.push(TokenVersion::V1),
                 "2.0" => versions.push(TokenVersion::V2),
-                other => self.issue(format!("{p}.accept_versions[{j}]"), format!("{other:?} is not \"1.0\" or \"2.0\"")),
+                other => self.issue(
+                    format!("{p}.accept_versions[{j}]"),
+                    format!("{other:?} is not \"1.0\" or \"2.0\""),
+                ),
             }
         }
         if versions.is_empty() {
-            self.issue(format!("{p}.accept_versions"), "accept at least one of \"1.0\", \"2.0\"");
+            self.issue(
+                format!("{p}.accept_versions"),
+                "accept at least one of \"1.0\", \"2.0\"",
+            );
         }
         Some(IssuerSettings {
             name: raw.name,
@@ -723,25 +834,36 @@ impl Validator<'_> {
             required_scopes: raw.required_scopes,
             required_app_roles: raw.required_app_roles,
             leeway: self.duration(&format!("{p}.leeway"), &raw.leeway),
-            jwks_refetch_floor: self.duration(&format!("{p}.jwks_refetch_floor"), &raw.jwks_refetch_floor),
+            jwks_refetch_floor: self
+                .duration(&format!("{p}.jwks_refetch_floor"), &raw.jwks_refetch_floor),
             jwks_refresh: self.duration(&format!("{p}.jwks_refresh"), &raw.jwks_refresh),
             jwks_max_stale: self.duration(&format!("{p}.jwks_max_stale"), &raw.jwks_max_stale),
             http_timeout: self.duration(&format!("{p}.http_timeout"), &raw.http_timeout),
+            allow_http: raw.allow_http,
         })
     }
 
     fn identity(&mut self, raw: RawIdentity) -> IdentityConfig {
         if raw.user_claims.is_empty() {
-            self.issue("identity.user_claims", "list at least one claim, e.g. [\"upn\", \"preferred_username\"]");
+            self.issue(
+                "identity.user_claims",
+                "list at least one claim, e.g. [\"upn\", \"preferred_username\"]",
+            );
         }
         if raw.namespace.contains(':') {
-            self.issue("identity.namespace", "write the namespace without the colon, e.g. \"aad\"");
+            self.issue(
+                "identity.namespace",
+                "write the namespace without the colon, e.g. \"aad\"",
+            );
         }
         let client_user = match raw.client_user.as_str() {
             "must_match" => ClientUserPolicy::MustMatch,
             "ignore" => ClientUserPolicy::Ignore,
             other => {
-                self.issue("identity.client_user", format!("{other:?} is not \"must_match\" or \"ignore\""));
+                self.issue(
+                    "identity.client_user",
+                    format!("{other:?} is not \"must_match\" or \"ignore\""),
+                );
                 ClientUserPolicy::MustMatch
             }
         };
@@ -749,16 +871,25 @@ impl Validator<'_> {
             "refuse" => GroupsOverage::Refuse,
             "ignore_groups" => GroupsOverage::IgnoreGroups,
             other => {
-                self.issue("identity.groups_overage", format!("{other:?} is not \"refuse\" or \"ignore_groups\""));
+                self.issue(
+                    "identity.groups_overage",
+                    format!("{other:?} is not \"refuse\" or \"ignore_groups\""),
+                );
                 GroupsOverage::Refuse
             }
         };
         if raw.session_vs_token != "keep" {
-            self.issue("identity.session_vs_token", "only \"keep\" is supported in this version");
+            self.issue(
+                "identity.session_vs_token",
+                "only \"keep\" is supported in this version",
+            );
         }
         for (k, v) in raw.groups.iter().chain(raw.app_roles.iter()) {
             if v.is_empty() || v.contains(':') {
-                self.issue(format!("identity.groups.{k}"), "role names must be non-empty and written without the namespace");
+                self.issue(
+                    format!("identity.groups.{k}"),
+                    "role names must be non-empty and written without the namespace",
+                );
             }
         }
         IdentityConfig {
@@ -767,7 +898,11 @@ impl Validator<'_> {
             lowercase: raw.lowercase,
             client_user,
             groups_overage,
-            groups: raw.groups.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+            groups: raw
+                .groups
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
             app_roles: raw.app_roles.into_iter().collect(),
         }
     }
@@ -787,7 +922,10 @@ impl Validator<'_> {
                 PoolKind::Redshift
             }
             other => {
-                self.issue(format!("{p}.kind"), format!("{other:?} is not \"postgres\" or \"redshift\""));
+                self.issue(
+                    format!("{p}.kind"),
+                    format!("{other:?} is not \"postgres\" or \"redshift\""),
+                );
                 PoolKind::Postgres
             }
         };
@@ -802,7 +940,10 @@ impl Validator<'_> {
                     (None, Some(var)) => match self.env.get(var) {
                         Some(v) => Some(v.clone()),
                         None => {
-                            self.issue(format!("{p}.backend_password_env"), format!("environment variable {var} is not set"));
+                            self.issue(
+                                format!("{p}.backend_password_env"),
+                                format!("environment variable {var} is not set"),
+                            );
                             None
                         }
                     },
@@ -814,35 +955,61 @@ impl Validator<'_> {
                         None
                     }
                 };
-                password.map(|pw| BackendAuth::Password { user: raw.backend_user.clone(), password: crate::types::Secret::new(pw) })
+                password.map(|pw| BackendAuth::Password {
+                    user: raw.backend_user.clone(),
+                    password: crate::types::Secret::new(pw),
+                })
             }
             other => {
-                self.issue(format!("{p}.backend_auth"), format!("{other:?} is not \"trust\" or \"password\""));
+                self.issue(
+                    format!("{p}.backend_auth"),
+                    format!("{other:?} is not \"trust\" or \"password\""),
+                );
                 None
             }
         };
         if raw.backend_user.is_some() && raw.backend_auth != "password" {
-            self.issue(format!("{p}.backend_user"), "backend_user only applies to backend_auth = \"password\"");
+            self.issue(
+                format!("{p}.backend_user"),
+                "backend_user only applies to backend_auth = \"password\"",
+            );
         }
         let backend_tls = match raw.backend_tls.as_str() {
             "disable" => BackendTls::Disable,
             "require" => BackendTls::Require,
             "verify-full" => BackendTls::VerifyFull {
-                ca_pem: raw.backend_ca_file.as_ref().and_then(|f| self.read_file(&format!("{p}.backend_ca_file"), f)),
+                ca_pem: raw
+                    .backend_ca_file
+                    .as_ref()
+                    .and_then(|f| self.read_file(&format!("{p}.backend_ca_file"), f)),
             },
             other => {
-                self.issue(format!("{p}.backend_tls"), format!("{other:?} is not \"disable\", \"require\" or \"verify-full\""));
+                self.issue(
+                    format!("{p}.backend_tls"),
+                    format!("{other:?} is not \"disable\", \"require\" or \"verify-full\""),
+                );
                 BackendTls::Disable
             }
         };
         if raw.targets.is_empty() {
-            self.issue(format!("{p}.targets"), "list at least one target, e.g. { addr = \"10.0.1.10:5432\" }");
+            self.issue(
+                format!("{p}.targets"),
+                "list at least one target, e.g. { addr = \"10.0.1.10:5432\" }",
+            );
         }
         let mut targets = Vec::new();
         for (j, t) in raw.targets.into_iter().enumerate() {
             match split_host_port(&t.addr) {
-                Some((host, port)) => targets.push(TargetConfig { host, port, addr: t.addr, weight: t.weight }),
-                None => self.issue(format!("{p}.targets[{j}].addr"), format!("{:?} is not host:port", t.addr)),
+                Some((host, port)) => targets.push(TargetConfig {
+                    host,
+                    port,
+                    addr: t.addr,
+                    weight: t.weight,
+                }),
+                None => self.issue(
+                    format!("{p}.targets[{j}].addr"),
+                    format!("{:?} is not host:port", t.addr),
+                ),
             }
         }
         Some(PoolConfig {
@@ -865,16 +1032,6 @@ fn split_host_port(addr: &str) -> Option<(String, u16)> {
         return None;
     }
     Some((host.to_owned(), port))
-}
-
-/// A lower-case GUID `8-4-4-4-12`.
-pub fn is_canonical_guid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
-        })
 }
 
 #[cfg(test)]
@@ -907,9 +1064,15 @@ targets = [{ addr = "127.0.0.1:5432" }]
         let c = Config::from_toml(MINIMAL, "t", Path::new("."), &HashMap::new()).unwrap();
         assert_eq!(c.listener.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.identity.namespace, "aad");
-        assert_eq!(c.identity.app_roles.get("db.read").map(String::as_str), Some("readers"));
         assert_eq!(
-            c.identity.groups.get("0b6a9a3e-6f4a-4c1e-9a7e-0c5d1f7e2a11").map(String::as_str),
+            c.identity.app_roles.get("db.read").map(String::as_str),
+            Some("readers")
+        );
+        assert_eq!(
+            c.identity
+                .groups
+                .get("0b6a9a3e-6f4a-4c1e-9a7e-0c5d1f7e2a11")
+                .map(String::as_str),
             Some("analysts")
         );
         assert_eq!(c.pools[0].targets[0].port, 5432);
@@ -917,7 +1080,10 @@ targets = [{ addr = "127.0.0.1:5432" }]
 
     #[test]
     fn env_overrides_apply() {
-        let env = HashMap::from([("IDGATE__LISTENER__HANDSHAKE_TIMEOUT".to_owned(), "3s".to_owned())]);
+        let env = HashMap::from([(
+            "IDGATE__LISTENER__HANDSHAKE_TIMEOUT".to_owned(),
+            "3s".to_owned(),
+        )]);
         let c = Config::from_toml(MINIMAL, "t", Path::new("."), &env).unwrap();
         assert_eq!(c.listener.handshake_timeout, Duration::from_secs(3));
     }

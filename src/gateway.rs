@@ -60,13 +60,30 @@ impl Gateway {
 
 /// Serve clients from `listener` until `shutdown` is cancelled, then stop accepting, give
 /// sessions a short grace period, cut the rest, and flush the audit trail before returning.
-pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let tls = config.listener.tls.as_ref().map(tls::server_config).transpose()?;
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let tls = config
+        .listener
+        .tls
+        .as_ref()
+        .map(tls::server_config)
+        .transpose()?;
     let auth = Authenticator::new(config.issuers.clone())?;
-    let pools = config.pools.iter().cloned().map(Pool::new).collect::<Result<Vec<_>, _>>()?;
-    let (audit, audit_task) = AuditLog::start(AuditSinks { file: config.audit.file_path.clone(), stdout: config.audit.stdout })
-        .await
-        .map_err(RunError::Audit)?;
+    let pools = config
+        .pools
+        .iter()
+        .cloned()
+        .map(Pool::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (audit, audit_task) = AuditLog::start(AuditSinks {
+        file: config.audit.file_path.clone(),
+        stdout: config.audit.stdout,
+    })
+    .await
+    .map_err(RunError::Audit)?;
     let gw = Arc::new(Gateway {
         connections: Arc::new(Semaphore::new(config.listener.max_connections)),
         config: Arc::new(config),
@@ -109,7 +126,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     }
     drop(listener);
     sessions.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+        .await
+        .is_err()
+    {
         session_token.cancel();
         sessions.wait().await;
     }

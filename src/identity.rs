@@ -102,7 +102,11 @@ pub fn map_identity(
         .iter()
         .find_map(|c| claims.claim_str(c).filter(|v| !v.is_empty()))
         .ok_or_else(|| IdentityError::NoUserClaim(config.user_claims.clone()))?;
-    let name = if config.lowercase { name.to_lowercase() } else { name.to_owned() };
+    let name = if config.lowercase {
+        name.to_lowercase()
+    } else {
+        name.to_owned()
+    };
     let db_user = qualify(&config.namespace, &name);
     if db_user.contains('\0') {
         return Err(IdentityError::BadName("contains NUL"));
@@ -114,7 +118,10 @@ pub fn map_identity(
     if let (ClientUserPolicy::MustMatch, Some(sent)) = (config.client_user, client_user) {
         let matches = sent.eq_ignore_ascii_case(&db_user) || sent.eq_ignore_ascii_case(&name);
         if !matches {
-            return Err(IdentityError::UserMismatch { client: sent.to_owned(), mapped: db_user });
+            return Err(IdentityError::UserMismatch {
+                client: sent.to_owned(),
+                mapped: db_user,
+            });
         }
     }
     let mut roles = Vec::new();

@@ -11,7 +11,13 @@
 //! validated [`config::Config`] and a cancellation token, so tests can start many gateways in one
 //! process.
 
-#![deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::dbg_macro, clippy::panic)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::todo,
+    clippy::dbg_macro,
+    clippy::panic
+)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
@@ -20,10 +26,13 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod devcerts;
+pub mod devidp;
 pub mod error;
 pub mod gateway;
 pub mod identity;
 pub mod net;
+pub mod pgcluster;
 pub mod protocol;
 pub mod relay;
 pub mod session;

@@ -41,13 +41,26 @@ pub enum RelayError {
 }
 
 /// Relay until both directions are done, an error occurs, or `shutdown` fires.
-pub async fn relay<C, B>(client: C, backend: B, counters: &ByteCounters, shutdown: &CancellationToken) -> Result<(), RelayError>
+pub async fn relay<C, B>(
+    client: C,
+    backend: B,
+    counters: &ByteCounters,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = Counted { inner: client, read: counters.from_client.clone(), failed: false };
-    let mut backend = Counted { inner: backend, read: counters.to_client.clone(), failed: false };
+    let mut client = Counted {
+        inner: client,
+        read: counters.from_client.clone(),
+        failed: false,
+    };
+    let mut backend = Counted {
+        inner: backend,
+        read: counters.to_client.clone(),
+        failed: false,
+    };
     tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, 16 * 1024, 16 * 1024) => {
             // Blame the side whose socket reported the error.
@@ -74,7 +87,11 @@ impl<S> Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -86,7 +103,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let p = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.note(p)
     }

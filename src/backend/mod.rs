@@ -54,9 +54,15 @@ impl Pool {
         let tls = match &config.backend_tls {
             BackendTls::Disable => None,
             BackendTls::Require => Some(tls::backend_client_config(false, None)?),
-            BackendTls::VerifyFull { ca_pem } => Some(tls::backend_client_config(true, ca_pem.as_deref())?),
+            BackendTls::VerifyFull { ca_pem } => {
+                Some(tls::backend_client_config(true, ca_pem.as_deref())?)
+            }
         };
-        Ok(Self { config, tls, cursor: AtomicUsize::new(0) })
+        Ok(Self {
+            config,
+            tls,
+            cursor: AtomicUsize::new(0),
+        })
     }
 
     /// Targets in the order to try them for the next session (round-robin start).
@@ -66,7 +72,9 @@ impl Pool {
             return Vec::new();
         }
         let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n).map(|i| &self.config.targets[(start + i) % n]).collect()
+        (0..n)
+            .map(|i| &self.config.targets[(start + i) % n])
+            .collect()
     }
 }
 
@@ -129,7 +137,9 @@ pub enum ConnectError {
         raw: Vec<u8>,
     },
     /// The backend asked for an authentication method idgate cannot answer.
-    #[error("{addr} asked for authentication method {code}, which backend_auth = {mode} cannot answer")]
+    #[error(
+        "{addr} asked for authentication method {code}, which backend_auth = {mode} cannot answer"
+    )]
     UnsupportedAuth {
         /// Target.
         addr: String,
@@ -159,7 +169,9 @@ impl ConnectError {
     pub fn could_retry(&self) -> bool {
         match self {
             ConnectError::Connect { .. } | ConnectError::Timeout { .. } => true,
-            ConnectError::Refused { fields, .. } => matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03" | "53300"),
+            ConnectError::Refused { fields, .. } => {
+                matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
+            }
             ConnectError::TlsRefused { .. }
             | ConnectError::Tls { .. }
             | ConnectError::UnsupportedAuth { .. }
@@ -189,7 +201,9 @@ impl Reportable for ConnectError {
             ConnectError::Timeout { .. } => "backend_timeout".into(),
             ConnectError::TlsRefused { .. } => "backend_tls_refused".into(),
             ConnectError::Tls { .. } => "backend_tls_failed".into(),
-            ConnectError::Refused { fields, .. } => format!("backend_refused_{}", fields.code).into(),
+            ConnectError::Refused { fields, .. } => {
+                format!("backend_refused_{}", fields.code).into()
+            }
             ConnectError::UnsupportedAuth { .. } => "backend_auth_unsupported".into(),
             ConnectError::Protocol { .. } => "backend_protocol_error".into(),
             ConnectError::NoTarget { .. } => "no_target_available".into(),
@@ -249,7 +263,9 @@ pub async fn connect(
             Err(e) => return Err(e),
         }
     }
-    Err(last.unwrap_or_else(|| ConnectError::NoTarget { pool: pool.config.name.clone() }))
+    Err(last.unwrap_or_else(|| ConnectError::NoTarget {
+        pool: pool.config.name.clone(),
+    }))
 }
 
 async fn connect_target(
@@ -260,10 +276,20 @@ async fn connect_target(
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
     let cfg = &pool.config;
-    let tcp = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect((target.host.as_str(), target.port))).await {
+    let tcp = match tokio::time::timeout(
+        cfg.connect_timeout,
+        TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await
+    {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(source)) => return Err(ConnectError::Connect { addr, source }),
-        Err(_) => return Err(ConnectError::Timeout { addr, phase: "connect" }),
+        Err(_) => {
+            return Err(ConnectError::Timeout {
+                addr,
+                phase: "connect",
+            })
+        }
     };
     let _ = tcp.set_nodelay(true);
     let login = async {
@@ -272,27 +298,42 @@ async fn connect_target(
     };
     match tokio::time::timeout(cfg.login_timeout, login).await {
         Ok(result) => result,
-        Err(_) => Err(ConnectError::Timeout { addr, phase: "login" }),
+        Err(_) => Err(ConnectError::Timeout {
+            addr,
+            phase: "login",
+        }),
     }
 }
 
-async fn negotiate_tls(pool: &Pool, target: &TargetConfig, mut tcp: TcpStream) -> Result<BackendStream, ConnectError> {
+async fn negotiate_tls(
+    pool: &Pool,
+    target: &TargetConfig,
+    mut tcp: TcpStream,
+) -> Result<BackendStream, ConnectError> {
     let Some(config) = &pool.tls else {
         return Ok(Either::Left(tcp));
     };
     let addr = target.addr.clone();
     let mut buf = BytesMut::new();
     frontend::ssl_request(&mut buf);
-    let io = |source| ConnectError::Protocol { addr: target.addr.clone(), message: format!("{source}").into() };
+    let io = |source| ConnectError::Protocol {
+        addr: target.addr.clone(),
+        message: format!("{source}").into(),
+    };
     tcp.write_all(&buf).await.map_err(io)?;
     let answer = tcp.read_u8().await.map_err(io)?;
     if answer != b'S' {
         return Err(ConnectError::TlsRefused { addr });
     }
-    let name = tls::server_name(&target.host)
-        .ok_or_else(|| ConnectError::Protocol { addr: addr.clone(), message: "target host is not a valid TLS name".into() })?;
+    let name = tls::server_name(&target.host).ok_or_else(|| ConnectError::Protocol {
+        addr: addr.clone(),
+        message: "target host is not a valid TLS name".into(),
+    })?;
     let connector = tokio_rustls::TlsConnector::from(config.clone());
-    let stream = connector.connect(name, tcp).await.map_err(|source| ConnectError::Tls { addr, source })?;
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|source| ConnectError::Tls { addr, source })?;
     Ok(Either::Right(Box::new(stream)))
 }
 
@@ -304,20 +345,33 @@ async fn login(
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
-    let proto = |message: String| ConnectError::Protocol { addr: target.addr.clone(), message: message.into() };
+    let proto = |message: String| ConnectError::Protocol {
+        addr: target.addr.clone(),
+        message: message.into(),
+    };
     let (login_user, password): (&str, Option<&Secret<String>>) = match &cfg.backend_auth {
         BackendAuth::Trust => (user, None),
-        BackendAuth::Password { user: Some(fixed), password } => (fixed.as_str(), Some(password)),
-        BackendAuth::Password { user: None, password } => (user, Some(password)),
+        BackendAuth::Password {
+            user: Some(fixed),
+            password,
+        } => (fixed.as_str(), Some(password)),
+        BackendAuth::Password {
+            user: None,
+            password,
+        } => (user, Some(password)),
     };
     let mode = match &cfg.backend_auth {
         BackendAuth::Trust => "trust",
         BackendAuth::Password { .. } => "password",
     };
     let mut buf = BytesMut::new();
-    let startup = std::iter::once(("user", login_user)).chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let startup = std::iter::once(("user", login_user))
+        .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     frontend::startup_message(startup, &mut buf).map_err(|e| proto(e.to_string()))?;
-    stream.write_all(&buf).await.map_err(|e| proto(e.to_string()))?;
+    stream
+        .write_all(&buf)
+        .await
+        .map_err(|e| proto(e.to_string()))?;
 
     let mut scram: Option<sasl::ScramSha256> = None;
     let mut server_params = Vec::new();
@@ -325,21 +379,29 @@ async fn login(
     loop {
         let frame = match read_frame(&mut stream, MAX_LOGIN_MESSAGE).await {
             Ok(f) => f,
-            Err(FrameError::Io(e)) => return Err(proto(format!("connection closed during login: {e}"))),
+            Err(FrameError::Io(e)) => {
+                return Err(proto(format!("connection closed during login: {e}")))
+            }
             Err(e) => return Err(proto(e.to_string())),
         };
         match frame.tag {
             b'R' => {
-                let (code, rest) = frame.body.split_at_checked(4).ok_or_else(|| proto("short authentication request".into()))?;
+                let (code, rest) = frame
+                    .body
+                    .split_at_checked(4)
+                    .ok_or_else(|| proto("short authentication request".into()))?;
                 let code = i32::from_be_bytes([code[0], code[1], code[2], code[3]]);
                 let mut out = BytesMut::new();
                 match (code, password) {
                     (0, _) => continue,
-                    (3, Some(pw)) => frontend::password_message(pw.expose().as_bytes(), &mut out).map_err(|e| proto(e.to_string()))?,
+                    (3, Some(pw)) => frontend::password_message(pw.expose().as_bytes(), &mut out)
+                        .map_err(|e| proto(e.to_string()))?,
                     (5, Some(pw)) => {
-                        let salt: [u8; 4] = rest.try_into().map_err(|_| proto("bad MD5 salt".into()))?;
+                        let salt: [u8; 4] =
+                            rest.try_into().map_err(|_| proto("bad MD5 salt".into()))?;
                         let hash = md5_hash(login_user.as_bytes(), pw.expose().as_bytes(), salt);
-                        frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| proto(e.to_string()))?;
+                        frontend::password_message(hash.as_bytes(), &mut out)
+                            .map_err(|e| proto(e.to_string()))?;
                     }
                     (10, Some(pw)) => {
                         let offers_scram = rest.split(|b| *b == 0).any(|m| m == b"SCRAM-SHA-256");
@@ -348,24 +410,36 @@ async fn login(
                         }
                         // 'n': idgate does not use channel binding. Claiming support ('y') while
                         // the server offers -PLUS would be refused as a downgrade.
-                        let s = sasl::ScramSha256::new(pw.expose().as_bytes(), sasl::ChannelBinding::unsupported());
+                        let s = sasl::ScramSha256::new(
+                            pw.expose().as_bytes(),
+                            sasl::ChannelBinding::unsupported(),
+                        );
                         frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)
                             .map_err(|e| proto(e.to_string()))?;
                         scram = Some(s);
                     }
                     (11, Some(_)) => {
-                        let s = scram.as_mut().ok_or_else(|| proto("SASL continue without SASL start".into()))?;
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| proto("SASL continue without SASL start".into()))?;
                         s.update(rest).map_err(|e| proto(format!("SCRAM: {e}")))?;
-                        frontend::sasl_response(s.message(), &mut out).map_err(|e| proto(e.to_string()))?;
+                        frontend::sasl_response(s.message(), &mut out)
+                            .map_err(|e| proto(e.to_string()))?;
                     }
                     (12, Some(_)) => {
-                        let s = scram.as_mut().ok_or_else(|| proto("SASL final without SASL start".into()))?;
-                        s.finish(rest).map_err(|e| proto(format!("SCRAM server proof invalid: {e}")))?;
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| proto("SASL final without SASL start".into()))?;
+                        s.finish(rest)
+                            .map_err(|e| proto(format!("SCRAM server proof invalid: {e}")))?;
                         continue;
                     }
                     (code, _) => return Err(ConnectError::UnsupportedAuth { addr, code, mode }),
                 }
-                stream.write_all(&out).await.map_err(|e| proto(e.to_string()))?;
+                stream
+                    .write_all(&out)
+                    .await
+                    .map_err(|e| proto(e.to_string()))?;
             }
             b'S' => {
                 let mut parts = frame.body.split(|b| *b == 0);
@@ -399,13 +473,22 @@ async fn login(
                     login_user: login_user.to_owned(),
                 })
             }
-            other => return Err(proto(format!("unexpected message {:?} during login", other as char))),
+            other => {
+                return Err(proto(format!(
+                    "unexpected message {:?} during login",
+                    other as char
+                )))
+            }
         }
     }
 }
 
 /// Send a CancelRequest for `key` to `target` (plain TCP, as PostgreSQL accepts it).
-pub async fn send_cancel(target: &TargetConfig, key: CancelKey, timeout: Duration) -> std::io::Result<()> {
+pub async fn send_cancel(
+    target: &TargetConfig,
+    key: CancelKey,
+    timeout: Duration,
+) -> std::io::Result<()> {
     let work = async {
         let mut tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
         let mut buf = BytesMut::new();
@@ -418,13 +501,20 @@ pub async fn send_cancel(target: &TargetConfig, key: CancelKey, timeout: Duratio
     };
     tokio::time::timeout(timeout, work)
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel timed out")))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "cancel timed out",
+            ))
+        })
 }
 
 /// `server_version` in its plain numeric form: `"15.19 (Debian 15.19-0+deb12u1)"` → `"15.19"`.
 /// The Python Redshift driver parses it with `packaging.version` and crashes on the long form.
 pub fn plain_server_version(value: &str) -> &str {
-    let end = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
+    let end = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
     let numeric = value[..end].trim_end_matches('.');
     if numeric.is_empty() {
         value
@@ -439,7 +529,10 @@ mod tests {
 
     #[test]
     fn server_version_is_made_numeric() {
-        assert_eq!(plain_server_version("15.19 (Debian 15.19-0+deb12u1)"), "15.19");
+        assert_eq!(
+            plain_server_version("15.19 (Debian 15.19-0+deb12u1)"),
+            "15.19"
+        );
         assert_eq!(plain_server_version("16.4"), "16.4");
         assert_eq!(plain_server_version("17devel"), "17");
         assert_eq!(plain_server_version("weird"), "weird");

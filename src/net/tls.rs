@@ -40,7 +40,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn parse_certs(pem: &[u8], path: &str) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsSetupError::Pem { path: path.into(), message: e.to_string() })?;
+        .map_err(|e| TlsSetupError::Pem {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsSetupError::NoCertificate(path.into()));
     }
@@ -52,7 +55,8 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsS
     let cert_path = files.cert_file.display().to_string();
     let key_path = files.key_file.display().to_string();
     let certs = parse_certs(&files.cert_pem, &cert_path)?;
-    let key = PrivateKeyDer::from_pem_slice(files.key_pem.expose()).map_err(|_| TlsSetupError::NoKey(key_path))?;
+    let key = PrivateKeyDer::from_pem_slice(files.key_pem.expose())
+        .map_err(|_| TlsSetupError::NoKey(key_path))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
@@ -64,7 +68,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsS
 
 /// Build a backend-facing client configuration: `ca_pem` (or the web roots) when `verify`,
 /// no verification otherwise.
-pub fn backend_client_config(verify: bool, ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+pub fn backend_client_config(
+    verify: bool,
+    ca_pem: Option<&[u8]>,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let config = if verify {
@@ -79,7 +86,10 @@ pub fn backend_client_config(verify: bool, ca_pem: Option<&[u8]>) -> Result<Arc<
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider()))).with_no_client_auth()
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_no_client_auth()
     };
     Ok(Arc::new(config))
 }
@@ -111,7 +121,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -120,7 +135,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {

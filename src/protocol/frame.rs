@@ -37,7 +37,10 @@ pub struct Frame {
 /// Read one typed message whose total length (excluding the type byte) is at most `cap`.
 ///
 /// Not cancel safe: a partially read message is lost if the future is dropped.
-pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S, cap: usize) -> Result<Frame, FrameError> {
+pub async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cap: usize,
+) -> Result<Frame, FrameError> {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).await?;
     let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);

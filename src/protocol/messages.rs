@@ -62,7 +62,13 @@ pub enum Severity {
 }
 
 /// `'E'` ErrorResponse. `detail` carries the session id for support.
-pub fn error_response(out: &mut Vec<u8>, severity: Severity, code: &str, message: &str, detail: Option<&str>) {
+pub fn error_response(
+    out: &mut Vec<u8>,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+) {
     let sev = match severity {
         Severity::Fatal => "FATAL",
         Severity::Error => "ERROR",
@@ -132,7 +138,13 @@ mod tests {
     #[test]
     fn error_response_round_trips_through_parser() {
         let mut out = Vec::new();
-        error_response(&mut out, Severity::Fatal, "28000", "token expired", Some("session id x"));
+        error_response(
+            &mut out,
+            Severity::Fatal,
+            "28000",
+            "token expired",
+            Some("session id x"),
+        );
         assert_eq!(out[0], b'E');
         let len = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
         assert_eq!(len + 1, out.len());

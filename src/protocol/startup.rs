@@ -61,7 +61,10 @@ impl StartupParams {
 
     /// The value of `key` (exact name), if present and non-empty.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// All pairs in order.
@@ -101,7 +104,9 @@ pub enum StartupError {
 /// Read one initial packet. Exactly its bytes are consumed; nothing is buffered.
 ///
 /// Not cancel safe.
-pub async fn read_initial_packet<S: AsyncRead + Unpin>(stream: &mut S) -> Result<InitialPacket, StartupError> {
+pub async fn read_initial_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<InitialPacket, StartupError> {
     let mut len_buf = [0u8; 4];
     stream.read_exact(&mut len_buf).await?;
     let len = i32::from_be_bytes(len_buf);
@@ -118,14 +123,18 @@ pub async fn read_initial_packet<S: AsyncRead + Unpin>(stream: &mut S) -> Result
 
 /// Parse the body of an initial packet (everything after the length word).
 pub fn parse_initial_packet(body: &[u8]) -> Result<InitialPacket, StartupError> {
-    let (code, rest) = body.split_at_checked(4).ok_or(StartupError::Malformed("missing code"))?;
+    let (code, rest) = body
+        .split_at_checked(4)
+        .ok_or(StartupError::Malformed("missing code"))?;
     let code = i32::from_be_bytes([code[0], code[1], code[2], code[3]]);
     match code {
         SSL_REQUEST_CODE => Ok(InitialPacket::SslRequest),
         GSSENC_REQUEST_CODE => Ok(InitialPacket::GssEncRequest),
         CANCEL_REQUEST_CODE => {
             if rest.len() != 8 {
-                return Err(StartupError::Malformed("cancel request must carry exactly 8 bytes"));
+                return Err(StartupError::Malformed(
+                    "cancel request must carry exactly 8 bytes",
+                ));
             }
             Ok(InitialPacket::Cancel(CancelKey {
                 process_id: i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]),
@@ -143,7 +152,10 @@ pub fn parse_initial_packet(body: &[u8]) -> Result<InitialPacket, StartupError> 
     }
 }
 
-fn parse_startup_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMessage, StartupError> {
+fn parse_startup_params(
+    mut rest: &[u8],
+    minor_version: u16,
+) -> Result<StartupMessage, StartupError> {
     let mut params: Vec<(String, String)> = Vec::new();
     let mut protocol_options = Vec::new();
     let mut seen: Vec<String> = Vec::new();
@@ -167,12 +179,20 @@ fn parse_startup_params(mut rest: &[u8], minor_version: u16) -> Result<StartupMe
             params.push((key.to_owned(), value.to_owned()));
         }
     }
-    Ok(StartupMessage { minor_version, params: StartupParams(params), protocol_options })
+    Ok(StartupMessage {
+        minor_version,
+        params: StartupParams(params),
+        protocol_options,
+    })
 }
 
 fn take_cstr(buf: &[u8]) -> Result<(&str, &[u8]), StartupError> {
-    let end = buf.iter().position(|b| *b == 0).ok_or(StartupError::Malformed("missing terminating NUL"))?;
-    let s = std::str::from_utf8(&buf[..end]).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
+    let end = buf
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(StartupError::Malformed("missing terminating NUL"))?;
+    let s = std::str::from_utf8(&buf[..end])
+        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     Ok((s, &buf[end + 1..]))
 }
 
@@ -194,38 +214,72 @@ mod tests {
 
     #[test]
     fn empty_values_are_absent_and_pq_options_separate() {
-        let body = startup_body(&[("user", ""), ("database", "dev"), ("_pq_.compression", "lz4")], 0);
-        let InitialPacket::Startup(msg) = parse_initial_packet(&body).unwrap() else { panic!() };
+        let body = startup_body(
+            &[
+                ("user", ""),
+                ("database", "dev"),
+                ("_pq_.compression", "lz4"),
+            ],
+            0,
+        );
+        let InitialPacket::Startup(msg) = parse_initial_packet(&body).unwrap() else {
+            panic!()
+        };
         assert_eq!(msg.params.get("user"), None);
         assert_eq!(msg.params.get("database"), Some("dev"));
-        assert_eq!(msg.protocol_options, vec![("_pq_.compression".to_owned(), "lz4".to_owned())]);
+        assert_eq!(
+            msg.protocol_options,
+            vec![("_pq_.compression".to_owned(), "lz4".to_owned())]
+        );
     }
 
     #[test]
     fn rejects_duplicates_missing_nul_and_trailing_bytes() {
         let body = startup_body(&[("user", "a"), ("user", "b")], 0);
-        assert!(matches!(parse_initial_packet(&body), Err(StartupError::DuplicateKey(_))));
+        assert!(matches!(
+            parse_initial_packet(&body),
+            Err(StartupError::DuplicateKey(_))
+        ));
         let mut body = startup_body(&[("user", "a")], 0);
         body.pop();
         body.pop();
-        assert!(matches!(parse_initial_packet(&body), Err(StartupError::Malformed(_))));
+        assert!(matches!(
+            parse_initial_packet(&body),
+            Err(StartupError::Malformed(_))
+        ));
         let mut body = startup_body(&[("user", "a")], 0);
         body.push(b'x');
-        assert!(matches!(parse_initial_packet(&body), Err(StartupError::Malformed(_))));
+        assert!(matches!(
+            parse_initial_packet(&body),
+            Err(StartupError::Malformed(_))
+        ));
     }
 
     #[test]
     fn request_codes_and_versions() {
-        assert!(matches!(parse_initial_packet(&SSL_REQUEST_CODE.to_be_bytes()), Ok(InitialPacket::SslRequest)));
-        assert!(matches!(parse_initial_packet(&GSSENC_REQUEST_CODE.to_be_bytes()), Ok(InitialPacket::GssEncRequest)));
+        assert!(matches!(
+            parse_initial_packet(&SSL_REQUEST_CODE.to_be_bytes()),
+            Ok(InitialPacket::SslRequest)
+        ));
+        assert!(matches!(
+            parse_initial_packet(&GSSENC_REQUEST_CODE.to_be_bytes()),
+            Ok(InitialPacket::GssEncRequest)
+        ));
         let mut cancel = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
         cancel.extend_from_slice(&7i32.to_be_bytes());
         cancel.extend_from_slice(&9i32.to_be_bytes());
-        let Ok(InitialPacket::Cancel(key)) = parse_initial_packet(&cancel) else { panic!() };
+        let Ok(InitialPacket::Cancel(key)) = parse_initial_packet(&cancel) else {
+            panic!()
+        };
         assert_eq!((key.process_id, key.secret_key), (7, 9));
         let v2 = (2u32 << 16).to_be_bytes();
-        assert!(matches!(parse_initial_packet(&v2), Err(StartupError::UnsupportedProtocol { major: 2, .. })));
-        let InitialPacket::Startup(m) = parse_initial_packet(&startup_body(&[], 2)).unwrap() else { panic!() };
+        assert!(matches!(
+            parse_initial_packet(&v2),
+            Err(StartupError::UnsupportedProtocol { major: 2, .. })
+        ));
+        let InitialPacket::Startup(m) = parse_initial_packet(&startup_body(&[], 2)).unwrap() else {
+            panic!()
+        };
         assert_eq!(m.minor_version, 2);
     }
 

@@ -107,7 +107,9 @@ impl Reportable for HandshakeError {
             HandshakeError::Startup(StartupError::Io(_)) => "client_disconnected".into(),
             HandshakeError::Startup(StartupError::TooLong(_)) => "startup_packet_too_long".into(),
             HandshakeError::Startup(StartupError::TooShort(_)) => "startup_packet_too_short".into(),
-            HandshakeError::Startup(StartupError::UnsupportedProtocol { .. }) => "unsupported_protocol".into(),
+            HandshakeError::Startup(StartupError::UnsupportedProtocol { .. }) => {
+                "unsupported_protocol".into()
+            }
             HandshakeError::Startup(StartupError::Malformed(_) | StartupError::DuplicateKey(_)) => {
                 "malformed_startup_packet".into()
             }
@@ -127,7 +129,9 @@ impl Reportable for HandshakeError {
 impl UserFacing for HandshakeError {
     fn sqlstate(&self) -> &'static str {
         match self {
-            HandshakeError::TlsRequired | HandshakeError::BadTokenEncoding => sqlstate::INVALID_AUTHORIZATION,
+            HandshakeError::TlsRequired | HandshakeError::BadTokenEncoding => {
+                sqlstate::INVALID_AUTHORIZATION
+            }
             HandshakeError::Frame(FrameError::TooLong { .. }) => sqlstate::INVALID_AUTHORIZATION,
             HandshakeError::Disconnected(_)
             | HandshakeError::Startup(_)
@@ -181,7 +185,10 @@ pub async fn negotiate(
     let mut first = [0u8; 1];
     match tcp.peek(&mut first).await {
         Ok(0) => {
-            return Err((None, HandshakeError::Disconnected(std::io::ErrorKind::UnexpectedEof.into())));
+            return Err((
+                None,
+                HandshakeError::Disconnected(std::io::ErrorKind::UnexpectedEof.into()),
+            ));
         }
         Ok(_) => {}
         Err(e) => return Err((None, HandshakeError::Disconnected(e))),
@@ -221,12 +228,19 @@ pub async fn negotiate(
                 }
             }
             InitialPacket::GssEncRequest => {
-                return Err((Some(Either::Left(tcp)), HandshakeError::UnexpectedRequest("second GSSENCRequest")))
+                return Err((
+                    Some(Either::Left(tcp)),
+                    HandshakeError::UnexpectedRequest("second GSSENCRequest"),
+                ))
             }
             InitialPacket::Cancel(key) => return Ok(Handshake::Cancel(key)),
             InitialPacket::Startup(startup) => {
                 if allow_plaintext && peer.ip().is_loopback() {
-                    return Ok(Handshake::Startup { stream: Either::Left(tcp), startup, tls: None });
+                    return Ok(Handshake::Startup {
+                        stream: Either::Left(tcp),
+                        startup,
+                        tls: None,
+                    });
                 }
                 return Err((Some(Either::Left(tcp)), HandshakeError::TlsRequired));
             }
@@ -240,7 +254,10 @@ async fn accept_tls(
     direct: bool,
 ) -> Result<(ClientStream, TlsInfo), (Option<ClientStream>, HandshakeError)> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
-    let stream = acceptor.accept(tcp).await.map_err(|e| (None, HandshakeError::Tls(e)))?;
+    let stream = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| (None, HandshakeError::Tls(e)))?;
     let conn = stream.get_ref().1;
     let info = TlsInfo {
         version: conn.protocol_version().map(|v| format!("{v:?}")),
@@ -255,14 +272,25 @@ async fn accept_tls(
     Ok((stream, info))
 }
 
-async fn after_tls(mut stream: ClientStream, info: TlsInfo) -> Result<Handshake, (Option<ClientStream>, HandshakeError)> {
+async fn after_tls(
+    mut stream: ClientStream,
+    info: TlsInfo,
+) -> Result<Handshake, (Option<ClientStream>, HandshakeError)> {
     match read_initial_packet(&mut stream).await {
-        Ok(InitialPacket::Startup(startup)) => Ok(Handshake::Startup { stream, startup, tls: Some(info) }),
+        Ok(InitialPacket::Startup(startup)) => Ok(Handshake::Startup {
+            stream,
+            startup,
+            tls: Some(info),
+        }),
         Ok(InitialPacket::Cancel(key)) => Ok(Handshake::Cancel(key)),
-        Ok(InitialPacket::SslRequest) => Err((Some(stream), HandshakeError::UnexpectedRequest("SSLRequest inside TLS"))),
-        Ok(InitialPacket::GssEncRequest) => {
-            Err((Some(stream), HandshakeError::UnexpectedRequest("GSSENCRequest inside TLS")))
-        }
+        Ok(InitialPacket::SslRequest) => Err((
+            Some(stream),
+            HandshakeError::UnexpectedRequest("SSLRequest inside TLS"),
+        )),
+        Ok(InitialPacket::GssEncRequest) => Err((
+            Some(stream),
+            HandshakeError::UnexpectedRequest("GSSENCRequest inside TLS"),
+        )),
         Err(e) => Err((Some(stream), e.into())),
     }
 }
@@ -320,11 +348,17 @@ pub async fn read_token(
         TokenCarriage::Password => (messages::AUTH_CLEARTEXT_PASSWORD, b'p'),
     };
     messages::authentication(&mut pending, code);
-    stream.write_all(&pending).await.map_err(HandshakeError::Disconnected)?;
+    stream
+        .write_all(&pending)
+        .await
+        .map_err(HandshakeError::Disconnected)?;
     stream.flush().await.map_err(HandshakeError::Disconnected)?;
     let frame = read_frame(stream, MAX_TOKEN_MESSAGE).await?;
     if frame.tag != tag {
-        return Err(HandshakeError::UnexpectedMessage { expected: tag as char, got: frame.tag as char });
+        return Err(HandshakeError::UnexpectedMessage {
+            expected: tag as char,
+            got: frame.tag as char,
+        });
     }
     let mut body = frame.body;
     if body.last() == Some(&0) {

@@ -115,24 +115,34 @@ impl UserFacing for SessionError {
             SessionError::Params(e) => e.client_message(),
             SessionError::Connect(e) => e.client_message(),
             SessionError::HandshakeTimeout => "timed out waiting for the login to complete".into(),
-            SessionError::TooManyConnections => "too many connections to idgate; try again later".into(),
+            SessionError::TooManyConnections => {
+                "too many connections to idgate; try again later".into()
+            }
             SessionError::Shutdown => "idgate is shutting down; reconnect".into(),
         }
     }
 }
 
 /// Serve one accepted connection. Never panics on input; always records `session_ended`.
-pub async fn handle_client(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+pub async fn handle_client(
+    gw: Arc<Gateway>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let _ = tcp.set_nodelay(true);
     let mut ctx = SessionContext::accepted(gw.audit.clone(), peer);
-    let Ok(_permit) = gw.connections.clone().try_acquire_owned() else {
-        let mut stream: ClientStream = tokio_util::either::Either::Left(tcp);
-        fail(&mut ctx, Some(&mut stream), &SessionError::TooManyConnections).await;
-        return;
-    };
+    // Over the cap, the handshake still runs (bounded by handshake_timeout) so the client gets a
+    // readable 53300 instead of a broken TLS negotiation; no token is read and no backend is used.
+    let permit = gw.connections.clone().try_acquire_owned().ok();
     let handshake = tokio::time::timeout(
         gw.config.listener.handshake_timeout,
-        handshake::negotiate(tcp, peer, gw.tls.as_ref(), gw.config.listener.allow_plaintext),
+        handshake::negotiate(
+            tcp,
+            peer,
+            gw.tls.as_ref(),
+            gw.config.listener.allow_plaintext,
+        ),
     )
     .await;
     let handshake = match handshake {
@@ -151,21 +161,43 @@ pub async fn handle_client(gw: Arc<Gateway>, tcp: TcpStream, peer: SocketAddr, s
             ctx.set_end_reason("cancel_request");
             if let Some(target) = gw.cancels.lookup(key) {
                 ctx.facts.target = Some(target.target.addr.clone());
-                let result = backend::send_cancel(&target.target, target.backend_key, gw.config.listener.handshake_timeout).await;
+                let result = backend::send_cancel(
+                    &target.target,
+                    target.backend_key,
+                    gw.config.listener.handshake_timeout,
+                )
+                .await;
                 let detail = format!("cancelled session {}", target.session_id);
                 match result {
                     Ok(()) => ctx.emit(EventKind::CancelForwarded, None, Some(detail)),
-                    Err(e) => ctx.emit(EventKind::CancelForwarded, Some("cancel_send_failed".into()), Some(format!("{detail}: {e}"))),
+                    Err(e) => ctx.emit(
+                        EventKind::CancelForwarded,
+                        Some("cancel_send_failed".into()),
+                        Some(format!("{detail}: {e}")),
+                    ),
                 }
             }
             // Unknown keys are dropped silently, as PostgreSQL does.
         }
-        Handshake::Startup { mut stream, startup, tls } => {
+        Handshake::Startup {
+            mut stream,
+            startup,
+            tls,
+        } => {
             if let Some(info) = &tls {
                 ctx.facts.tls = info.version.clone();
                 ctx.facts.sni = info.sni.clone();
                 ctx.emit(EventKind::TlsEstablished, None, None);
             }
+            let Some(_permit) = permit else {
+                fail(
+                    &mut ctx,
+                    Some(&mut stream),
+                    &SessionError::TooManyConnections,
+                )
+                .await;
+                return;
+            };
             let result = tokio::select! {
                 r = session(&gw, &mut ctx, &mut stream, startup) => r,
                 _ = shutdown.cancelled() => Err(SessionError::Shutdown),
@@ -193,13 +225,20 @@ async fn session(
     ctx.facts.driver_version = params.get("driver_version").map(str::to_owned);
     ctx.facts.plugin_name = params.get("plugin_name").map(str::to_owned);
 
-    let carriage = if params.get("idp_type").is_some() { TokenCarriage::RedshiftIdp } else { TokenCarriage::Password };
+    let carriage = if params.get("idp_type").is_some() {
+        TokenCarriage::RedshiftIdp
+    } else {
+        TokenCarriage::Password
+    };
     ctx.facts.auth_method = Some(carriage.as_str());
     let mut pending = Vec::new();
     handshake::negotiation_replies(&startup, &mut pending);
-    let token = tokio::time::timeout(gw.config.listener.handshake_timeout, handshake::read_token(stream, carriage, pending))
-        .await
-        .map_err(|_| SessionError::HandshakeTimeout)??;
+    let token = tokio::time::timeout(
+        gw.config.listener.handshake_timeout,
+        handshake::read_token(stream, carriage, pending),
+    )
+    .await
+    .map_err(|_| SessionError::HandshakeTimeout)??;
 
     let claims = gw.auth.verify(token.expose()).await;
     drop(token);
@@ -219,7 +258,11 @@ async fn session(
     ctx.emit(EventKind::AuthSucceeded, None, None);
 
     let backend = backend::connect(pool, &identity.db_user, &backend_params, |target, e| {
-        ctx.emit(EventKind::BackendLoginFailed, Some(e.reason().into_owned()), Some(format!("{}: {e}; trying the next target", target.addr)));
+        ctx.emit(
+            EventKind::BackendLoginFailed,
+            Some(e.reason().into_owned()),
+            Some(format!("{}: {e}; trying the next target", target.addr)),
+        );
     })
     .await?;
     ctx.facts.target = Some(backend.target.addr.clone());
@@ -232,11 +275,19 @@ async fn session(
     let mut out = Vec::with_capacity(512);
     messages::authentication(&mut out, messages::AUTH_OK);
     for (name, value) in &backend.params {
-        let value = if name == "server_version" { plain_server_version(value) } else { value.as_str() };
+        let value = if name == "server_version" {
+            plain_server_version(value)
+        } else {
+            value.as_str()
+        };
         messages::parameter_status(&mut out, name, value);
     }
     let registration = backend.key.map(|backend_key| {
-        gw.cancels.register(CancelTarget { target: backend.target.clone(), backend_key, session_id: ctx.id })
+        gw.cancels.register(CancelTarget {
+            target: backend.target.clone(),
+            backend_key,
+            session_id: ctx.id,
+        })
     });
     if let Some((key, _)) = &registration {
         messages::backend_key_data(&mut out, key.process_id, key.secret_key);
@@ -247,7 +298,10 @@ async fn session(
         tracing::debug!(session = %ctx.id, error = %e, "client went away before ReadyForQuery");
         return Ok(None);
     }
-    Ok(Some(Box::new(LoggedIn { backend, _cancel: registration.map(|(_, r)| r) })))
+    Ok(Some(Box::new(LoggedIn {
+        backend,
+        _cancel: registration.map(|(_, r)| r),
+    })))
 }
 
 /// A backend at ReadyForQuery plus the session's cancel registration (removed on drop).
@@ -256,7 +310,12 @@ struct LoggedIn {
     _cancel: Option<crate::cancel::CancelRegistration>,
 }
 
-async fn run_relay(ctx: &mut SessionContext, client: ClientStream, logged_in: Box<LoggedIn>, shutdown: &CancellationToken) {
+async fn run_relay(
+    ctx: &mut SessionContext,
+    client: ClientStream,
+    logged_in: Box<LoggedIn>,
+    shutdown: &CancellationToken,
+) {
     let LoggedIn { backend, _cancel } = *logged_in;
     let counters = ctx.counters.clone();
     let end = match relay(client, backend.stream, &counters, shutdown).await {
@@ -279,7 +338,9 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
         SessionError::Handshake(h) if h.kind() == ErrorKind::User => {
             ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail)
         }
-        SessionError::Connect(_) => ctx.emit(EventKind::BackendLoginFailed, Some(reason.clone()), detail),
+        SessionError::Connect(_) => {
+            ctx.emit(EventKind::BackendLoginFailed, Some(reason.clone()), detail)
+        }
         SessionError::Handshake(_)
         | SessionError::HandshakeTimeout
         | SessionError::TooManyConnections
@@ -292,12 +353,20 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
         return;
     }
     let code = match e {
-        SessionError::Connect(ConnectError::Refused { fields, .. }) if !fields.code.is_empty() => fields.code.clone(),
+        SessionError::Connect(ConnectError::Refused { fields, .. }) if !fields.code.is_empty() => {
+            fields.code.clone()
+        }
         _ => e.sqlstate().to_owned(),
     };
     let mut out = Vec::new();
     let detail = format!("session id {}", ctx.id);
-    messages::error_response(&mut out, Severity::Fatal, &code, &e.client_message(), Some(&detail));
+    messages::error_response(
+        &mut out,
+        Severity::Fatal,
+        &code,
+        &e.client_message(),
+        Some(&detail),
+    );
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
         let _ = write_flush(stream, &out).await;
         let _ = stream.shutdown().await;

@@ -25,8 +25,13 @@ const NEVER_FORWARD: &[&str] = &[
 ];
 
 /// Keys only Redshift understands (redshift-wire.md §2.4).
-const REDSHIFT_ONLY: &[&str] =
-    &["client_protocol_version", "driver_version", "os_version", "driver_discovery_version", "compression"];
+const REDSHIFT_ONLY: &[&str] = &[
+    "client_protocol_version",
+    "driver_version",
+    "os_version",
+    "driver_discovery_version",
+    "compression",
+];
 
 /// Settings that would change who the session runs as.
 const IDENTITY_CHANGING: &[&str] = &["role", "session_authorization"];
@@ -77,7 +82,10 @@ impl UserFacing for ParamsError {
 }
 
 /// The parameters to send to a backend of `kind` (without `user`, which the backend login adds).
-pub fn backend_params(params: &StartupParams, kind: PoolKind) -> Result<Vec<(String, String)>, ParamsError> {
+pub fn backend_params(
+    params: &StartupParams,
+    kind: PoolKind,
+) -> Result<Vec<(String, String)>, ParamsError> {
     let mut out = Vec::new();
     for (key, value) in params.iter() {
         let lower = key.to_ascii_lowercase();
@@ -152,7 +160,12 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> StartupParams {
-        StartupParams::from_pairs(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        StartupParams::from_pairs(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 
     #[test]
@@ -164,7 +177,10 @@ mod tests {
             ("client_protocol_version", "2"),
             ("driver_version", "Redshift Python Driver 2.2.0"),
             ("idp_type", "AwsIdc"),
-            ("plugin_name", "redshift_connector.plugin.IdpTokenAuthPlugin"),
+            (
+                "plugin_name",
+                "redshift_connector.plugin.IdpTokenAuthPlugin",
+            ),
             ("token_type", "EXT_JWT"),
             ("TimeZone", "UTC"),
         ]);
@@ -173,19 +189,38 @@ mod tests {
         assert_eq!(keys, ["database", "application_name", "TimeZone"]);
         let out = backend_params(&p, PoolKind::Redshift).unwrap();
         assert!(out.iter().any(|(k, _)| k == "client_protocol_version"));
-        assert!(!out.iter().any(|(k, _)| k == "idp_type" || k == "token_type" || k == "plugin_name"));
+        assert!(!out
+            .iter()
+            .any(|(k, _)| k == "idp_type" || k == "token_type" || k == "plugin_name"));
     }
 
     #[test]
     fn identity_changing_settings_are_refused() {
-        for opts in ["-c role=admin", "-crole=admin", "--session-authorization=x", "-c search_path=a -c ROLE=x"] {
+        for opts in [
+            "-c role=admin",
+            "-crole=admin",
+            "--session-authorization=x",
+            "-c search_path=a -c ROLE=x",
+        ] {
             let p = params(&[("options", opts)]);
-            assert!(matches!(backend_params(&p, PoolKind::Postgres), Err(ParamsError::IdentityChanging(_))), "{opts}");
+            assert!(
+                matches!(
+                    backend_params(&p, PoolKind::Postgres),
+                    Err(ParamsError::IdentityChanging(_))
+                ),
+                "{opts}"
+            );
         }
         assert!(backend_params(&params(&[("Role", "x")]), PoolKind::Postgres).is_err());
-        assert!(matches!(backend_params(&params(&[("replication", "true")]), PoolKind::Postgres), Err(ParamsError::Replication)));
+        assert!(matches!(
+            backend_params(&params(&[("replication", "true")]), PoolKind::Postgres),
+            Err(ParamsError::Replication)
+        ));
         let ok = params(&[("options", "-c search_path=a\\ b -c statement_timeout=5s")]);
         assert!(backend_params(&ok, PoolKind::Postgres).is_ok());
-        assert_eq!(option_names("-c search_path=a\\ b --work-mem=1MB"), ["search_path", "work_mem"]);
+        assert_eq!(
+            option_names("-c search_path=a\\ b --work-mem=1MB"),
+            ["search_path", "work_mem"]
+        );
     }
 }

@@ -1,0 +1,152 @@
+//! The audit trail: exactly one `session_ended` per accepted connection, the fields security
+//! teams filter on, and no token anywhere in logs or audit files.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use idgate::devidp::TokenSpec;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use crate::{
+    harness::{Env, ALICE, BOB},
+    raw,
+};
+
+#[tokio::test]
+async fn exactly_one_session_ended_per_accepted_connection() {
+    let mut env = Env::start().await;
+    // A good session with traffic.
+    let client = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    client.simple_query("SELECT * FROM demo").await.unwrap();
+    drop(client);
+    // A refused token, a plaintext attempt, garbage, a client that vanishes mid-TLS, a bad cancel.
+    assert!(env.pg_connect(Some(BOB), "garbage").await.is_err());
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&raw::startup(&[("user", "x")], 0))
+        .await
+        .unwrap();
+    drop(tcp);
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    drop(tcp);
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&raw::SSL_REQUEST).await.unwrap();
+    drop(tcp);
+    drop(TcpStream::connect(env.addr).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.stop_gateway().await;
+
+    let events = env.audit_events();
+    let mut accepted: HashMap<String, usize> = HashMap::new();
+    let mut ended: HashMap<String, usize> = HashMap::new();
+    for e in &events {
+        let sid = e["session_id"].as_str().unwrap().to_owned();
+        match e["kind"].as_str().unwrap() {
+            "connection_accepted" => *accepted.entry(sid).or_default() += 1,
+            "session_ended" => *ended.entry(sid).or_default() += 1,
+            _ => {}
+        }
+        assert!(e["event_id"].as_str().is_some() && e["time"].as_str().is_some());
+    }
+    assert_eq!(accepted.len(), 6, "{events:#?}");
+    assert_eq!(
+        accepted, ended,
+        "every accepted connection ends exactly once"
+    );
+    assert!(ended.values().all(|n| *n == 1));
+    let good = events
+        .iter()
+        .find(|e| e["kind"] == "session_ended" && e["db_user"] == "aad:alice@contoso.example")
+        .unwrap();
+    assert!(good["bytes_in"].as_u64().unwrap() > 0 && good["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(good["end_reason"], "closed");
+    assert!(good["duration_ms"].as_u64().is_some());
+    assert!(good["client_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+}
+
+/// A `Write` that appends to a shared buffer (the log capture).
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_token_appears_in_logs_or_audit_files() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("trace")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .try_init();
+    let mut env = Env::start().await;
+    let idp = &env.idp;
+    let tokens = vec![
+        env.token(ALICE),
+        env.token_v1(ALICE),
+        idp.mint(&TokenSpec::user(ALICE).expires_in(-600)),
+        idp.mint(&TokenSpec::user(ALICE).audience("api://nope")),
+        idp.sign_with_new_key(&TokenSpec::user(ALICE)),
+        idp.mint(&TokenSpec::user(BOB)),
+        "header.payload-that-is-not-json.signature".to_owned(),
+    ];
+    for token in &tokens {
+        if let Ok(client) = env.pg_connect(Some(ALICE), token).await {
+            let _ = client.simple_query("SELECT 1").await;
+        }
+    }
+    // Through the Redshift IdP path as well.
+    let mut tls = raw::tls_connect(env.addr, env.client_tls(false)).await;
+    tls.write_all(&raw::startup(
+        &[("database", "dev"), ("idp_type", "AzureAD")],
+        0,
+    ))
+    .await
+    .unwrap();
+    let _ = raw::read_msg(&mut tls).await;
+    tls.write_all(&raw::message(b'i', tokens[0].as_bytes()))
+        .await
+        .unwrap();
+    let _ = raw::read_until_ready(&mut tls).await;
+    drop(tls);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.stop_gateway().await;
+
+    let logs = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    let audit = std::fs::read_to_string(&env.audit_path).unwrap();
+    assert!(logs.len() > 1000, "debug logging must have produced output");
+    assert!(audit.contains("auth_succeeded") && audit.contains("auth_failed"));
+    for token in &tokens {
+        for (what, text) in [("logs", &logs), ("audit", &audit)] {
+            assert!(
+                !text.contains(token.as_str()),
+                "a token appears in the {what}"
+            );
+            // Nor any of its segments (header/payload/signature) on their own.
+            for part in token.split('.').filter(|p| p.len() >= 24) {
+                assert!(
+                    !text.contains(part),
+                    "a token segment appears in the {what}"
+                );
+            }
+        }
+    }
+}

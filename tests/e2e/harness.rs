@@ -1,0 +1,378 @@
+//! Test harness: a dev IdP on port 0, throw-away PostgreSQL clusters on free ports (run as the
+//! `postgres` OS user under root), and idgate in-process on port 0.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use idgate::{
+    auth::TokenVersion,
+    config::Config,
+    devcerts::DevCa,
+    devidp::{DevIdp, DevIdpSettings, TokenSpec},
+    pgcluster::{ClusterSettings, PgCluster},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const TENANT: &str = "00000000-0000-4000-8000-00000000c0de";
+pub const OTHER_TENANT: &str = "11111111-0000-4000-8000-0000000000ff";
+pub const APP_GUID: &str = "00000000-0000-4000-8000-0000000a99e5";
+pub const ALICE: &str = "alice@contoso.example";
+pub const BOB: &str = "bob@contoso.example";
+pub const ANALYSTS_GROUP: &str = "0b6a9a3e-6f4a-4c1e-9a7e-0c5d1f7e2a11";
+
+/// Whether a missing tool must fail the test (set by `.ci/run`).
+pub fn require_all() -> bool {
+    std::env::var("IDGATE_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1")
+}
+
+/// Skip (or, under `IDGATE_TEST_REQUIRE_ALL=1`, fail) because `what` is missing.
+pub fn missing_tool(what: &str) {
+    if require_all() {
+        panic!("required test tool missing: {what} (IDGATE_TEST_REQUIRE_ALL=1)");
+    }
+    eprintln!("SKIPPED: {what} is not available");
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// SQL run in the `dev` database of every default cluster.
+pub const SETUP_SQL: &str = r#"
+CREATE ROLE "aad:alice@contoso.example" LOGIN;
+CREATE ROLE "aad:bob@contoso.example" LOGIN;
+CREATE TABLE demo (id int PRIMARY KEY, note text);
+INSERT INTO demo VALUES (1, 'one'), (2, 'two');
+GRANT SELECT ON demo TO "aad:alice@contoso.example";
+"#;
+
+/// Start a cluster with the default trust line for 127.0.0.1, a `dev` database and [`SETUP_SQL`].
+pub async fn start_cluster(name: &str, hba: Vec<String>) -> PgCluster {
+    let mut settings = ClusterSettings::new(name);
+    settings.hba = hba;
+    settings.bindir = std::env::var_os("IDGATE_PG_BINDIR").map(PathBuf::from);
+    let cluster = PgCluster::start(settings)
+        .await
+        .unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}"));
+    cluster.exec("CREATE DATABASE dev").await.unwrap();
+    cluster.exec_in("dev", SETUP_SQL).await.unwrap();
+    cluster
+}
+
+/// What a test environment should look like.
+pub struct EnvOptions {
+    /// hba lines of the default cluster (before the harness defaults).
+    pub hba: Vec<String>,
+    /// Change the generated configuration before the gateway starts.
+    pub tweak: Box<dyn FnOnce(&mut Config, &Env0) + Send>,
+    /// Number of clusters (targets of the one pool).
+    pub clusters: usize,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self {
+            hba: vec!["host all all 127.0.0.1/32 trust".into()],
+            tweak: Box::new(|_, _| {}),
+            clusters: 1,
+        }
+    }
+}
+
+/// The parts that exist before the gateway starts (given to `tweak`).
+pub struct Env0 {
+    pub dir: tempfile::TempDir,
+    pub idp: DevIdp,
+    pub clusters: Vec<PgCluster>,
+    pub ca_path: PathBuf,
+}
+
+/// A running environment. Dropping it stops the gateway and the clusters.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub idp: DevIdp,
+    pub clusters: Vec<PgCluster>,
+    pub ca_path: PathBuf,
+    pub ca_pem: String,
+    pub addr: SocketAddr,
+    pub audit_path: PathBuf,
+    #[allow(dead_code)]
+    pub config: Config,
+    shutdown: CancellationToken,
+    gateway: Option<JoinHandle<Result<(), idgate::RunError>>>,
+    idp_cancel: CancellationToken,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Self::with(EnvOptions::default()).await
+    }
+
+    pub async fn with(opts: EnvOptions) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("idgate-test-")
+            .tempdir()
+            .unwrap();
+        let ca = DevCa::new("idgate test CA").unwrap();
+        let server = ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("idgate.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("idgate-key.pem"), &server.key_pem).unwrap();
+
+        let idp_cancel = CancellationToken::new();
+        let idp_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut settings = DevIdpSettings::example(TENANT);
+        settings.app_guid = APP_GUID.into();
+        let idp = DevIdp::start(idp_listener, settings, idp_cancel.clone())
+            .await
+            .unwrap();
+
+        let mut clusters = Vec::new();
+        let starts =
+            (0..opts.clusters).map(|i| start_cluster_named(format!("wg{i}"), opts.hba.clone()));
+        for c in futures_util::future::join_all(starts).await {
+            clusters.push(c);
+        }
+        let targets: Vec<String> = clusters
+            .iter()
+            .map(|c| format!("{{ addr = \"{}\" }}", c.addr()))
+            .collect();
+        let toml = format!(
+            r#"
+[listener]
+addr = "127.0.0.1:0"
+tls_cert_file = "idgate.pem"
+tls_key_file = "idgate-key.pem"
+handshake_timeout = "10s"
+
+[[issuers]]
+name = "test-idp"
+authority = "{authority}"
+tenants = ["{TENANT}"]
+audiences = ["api://idgate", "{APP_GUID}"]
+required_scopes = ["jdbc_login"]
+required_app_roles = ["Gateway.Connect"]
+jwks_refetch_floor = "1s"
+
+[identity.groups]
+"{ANALYSTS_GROUP}" = "analysts"
+
+[[pools]]
+name = "main"
+targets = [{targets}]
+
+[audit]
+file_path = "audit.jsonl"
+"#,
+            authority = idp.authority(),
+            targets = targets.join(", "),
+        );
+        let mut config = Config::from_toml(&toml, "test", dir.path(), &HashMap::new())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env0 = Env0 {
+            dir,
+            idp,
+            clusters,
+            ca_path,
+        };
+        (opts.tweak)(&mut config, &env0);
+        let Env0 {
+            dir,
+            idp,
+            clusters,
+            ca_path,
+        } = env0;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let audit_path = config
+            .audit
+            .file_path
+            .clone()
+            .unwrap_or_else(|| dir.path().join("audit.jsonl"));
+        let gateway = tokio::spawn(idgate::run(listener, config.clone(), shutdown.clone()));
+        Env {
+            dir,
+            idp,
+            clusters,
+            ca_path,
+            ca_pem: ca.cert_pem(),
+            addr,
+            audit_path,
+            config,
+            shutdown,
+            gateway: Some(gateway),
+            idp_cancel,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A fresh v2 user token for `upn` with the required scope.
+    pub fn token(&self, upn: &str) -> String {
+        self.idp.mint(&TokenSpec::user(upn))
+    }
+
+    pub fn token_v1(&self, upn: &str) -> String {
+        self.idp
+            .mint(&TokenSpec::user(upn).version(TokenVersion::V1))
+    }
+
+    /// Write `token` to a file (clients read tokens from files, never argv).
+    pub fn token_file(&self, token: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("token-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, token).unwrap();
+        path
+    }
+
+    /// Stop the gateway and wait until the audit trail is flushed.
+    pub async fn stop_gateway(&mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.gateway.take() {
+            tokio::time::timeout(Duration::from_secs(30), handle)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// All audit events written so far.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        read_events(&self.audit_path)
+    }
+
+    /// Wait until an audit event matches `pred`, and return it.
+    pub async fn wait_event(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        for _ in 0..200 {
+            if let Some(e) = self.audit_events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("no matching audit event; have:\n{:#?}", self.audit_events());
+    }
+
+    /// Wait for the `auth_failed` event of a refused login and return its reason.
+    pub async fn wait_refusal_reason(&self, since: usize) -> String {
+        for _ in 0..200 {
+            let events = self.audit_events();
+            if let Some(e) = events
+                .iter()
+                .skip(since)
+                .find(|e| e["kind"] == "auth_failed")
+            {
+                return e["reason"].as_str().unwrap_or_default().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "no auth_failed event after index {since}; have:\n{:#?}",
+            self.audit_events()
+        );
+    }
+
+    /// rustls client config trusting the test CA.
+    pub fn client_tls(&self, alpn: bool) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in idgate::net::tls::parse_certs(self.ca_pem.as_bytes(), "ca").unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        if alpn {
+            config.alpn_protocols = vec![b"postgresql".to_vec()];
+        }
+        Arc::new(config)
+    }
+
+    /// tokio-postgres through idgate with `token` as the password (verify-full via rustls).
+    pub async fn pg_connect(
+        &self,
+        user: Option<&str>,
+        token: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.pg_connect_db(user, token, "dev").await
+    }
+
+    pub async fn pg_connect_db(
+        &self,
+        user: Option<&str>,
+        token: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("localhost")
+            .port(self.port())
+            .dbname(db)
+            .password(token)
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        cfg.user(user.unwrap_or(ALICE));
+        cfg.connect_timeout(Duration::from_secs(20));
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*self.client_tls(false)).clone());
+        let (client, conn) = cfg.connect(tls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+async fn start_cluster_named(name: String, hba: Vec<String>) -> PgCluster {
+    start_cluster(&name, hba).await
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.idp_cancel.cancel();
+    }
+}
+
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The SQLSTATE of a tokio-postgres error.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("<no db error: {e}>"))
+}
+
+/// The Python interpreter with the client drivers installed, if available.
+pub fn python() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("IDGATE_TEST_PYTHON") {
+        let p = PathBuf::from(p);
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    let venv = repo_root().join(".venv/bin/python");
+    venv.exists().then_some(venv)
+}

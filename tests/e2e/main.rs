@@ -1,0 +1,14 @@
+//! End-to-end tests: real PostgreSQL clusters, the dev IdP over HTTP, idgate in-process, and real
+//! clients (tokio-postgres, psql, redshift_connector, psycopg, pgjdbc). One binary, many modules.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+mod audit_logs;
+mod clients;
+mod config_files;
+mod jwks;
+mod protocol;
+mod raw;
+mod refusals;

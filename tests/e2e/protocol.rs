@@ -1,0 +1,385 @@
+//! Wire-level behaviour: encryption negotiation, packet limits, split writes, protocol options,
+//! cancel, timeouts, the connection cap and target failover.
+
+use std::time::{Duration, Instant};
+
+use idgate::devidp::TokenSpec;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    harness::{sqlstate, Env, EnvOptions, ALICE},
+    raw::*,
+};
+
+#[tokio::test]
+async fn plaintext_startup_is_refused_with_a_clear_error() {
+    let env = Env::start().await;
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tcp).await.unwrap();
+    assert_eq!(tag, b'E');
+    assert_eq!(error_code(&body), "28000");
+    assert!(
+        error_message(&body).contains("sslmode=require"),
+        "{}",
+        error_message(&body)
+    );
+    assert!(read_msg(&mut tcp).await.is_none(), "connection must close");
+    let reason = env.wait_refusal_reason(0).await;
+    assert_eq!(reason, "tls_required");
+}
+
+#[tokio::test]
+async fn gssenc_is_declined_then_ssl_and_login_work_with_a_token_split_into_tiny_writes() {
+    let env = Env::start().await;
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&GSSENC_REQUEST).await.unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'N');
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(env.client_tls(false))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(&startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, auth_code(&body)), (b'R', 3));
+    // A token close to 64 KiB, sent a few bytes per TLS record.
+    let padding = "x".repeat(48_000);
+    let token = env
+        .idp
+        .mint(&TokenSpec::user(ALICE).claim("padding", padding));
+    assert!(
+        token.len() > 64_000 && token.len() <= 65_536,
+        "token is {} bytes",
+        token.len()
+    );
+    let mut body = token.into_bytes();
+    body.push(0);
+    let msg = message(b'p', &body);
+    for chunk in msg.chunks(997) {
+        tls.write_all(chunk).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    // Python's driver sends a Flush right after the password.
+    tls.write_all(&message(b'H', &[])).await.unwrap();
+    let msgs = read_until_ready(&mut tls).await;
+    let tags: Vec<char> = msgs.iter().map(|(t, _)| *t as char).collect();
+    assert_eq!(
+        msgs.first().map(|(t, b)| (*t, auth_code(b))),
+        Some((b'R', 0)),
+        "{tags:?}"
+    );
+    assert!(tags.contains(&'K') && tags.last() == Some(&'Z'), "{tags:?}");
+    // server_version is plain numeric for drivers that parse it.
+    let version = msgs
+        .iter()
+        .filter(|(t, _)| *t == b'S')
+        .map(|(_, b)| {
+            b.split(|c| *c == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|p| p[0] == "server_version")
+        .unwrap();
+    assert!(
+        version[1].chars().all(|c| c.is_ascii_digit() || c == '.'),
+        "{version:?}"
+    );
+    assert_eq!(
+        simple_query(&mut tls, "SELECT current_user").await,
+        ["aad:alice@contoso.example"]
+    );
+}
+
+#[tokio::test]
+async fn redshift_native_idp_exchange_with_compression_option() {
+    let env = Env::start().await;
+    let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+    let params = [
+        ("user", ""),
+        ("database", "dev"),
+        ("client_protocol_version", "2"),
+        ("driver_version", "Redshift JDBC Driver 2.2.6"),
+        ("_pq_.compression", "lz4"),
+        (
+            "plugin_name",
+            "com.amazon.redshift.plugin.IdpTokenAuthPlugin",
+        ),
+        ("idp_type", "AwsIdc"),
+        ("token_type", "EXT_JWT"),
+        ("identity_namespace", "aad"),
+    ];
+    tls.write_all(&startup(&params, 0)).await.unwrap();
+    let mut z = [0u8; 6];
+    tls.read_exact(&mut z).await.unwrap();
+    assert_eq!(
+        z,
+        [0x7a, 0, 0, 0, 5, 0],
+        "CompressionAck with an empty list"
+    );
+    let mut r = [0u8; 9];
+    tls.read_exact(&mut r).await.unwrap();
+    assert_eq!(
+        r,
+        [0x52, 0, 0, 0, 8, 0, 0, 0, 14],
+        "AuthenticationRequest 14"
+    );
+    // 'i' with a trailing NUL (stripped by idgate).
+    let mut token = env.token(ALICE).into_bytes();
+    token.push(0);
+    tls.write_all(&message(b'i', &token)).await.unwrap();
+    let msgs = read_until_ready(&mut tls).await;
+    assert_eq!(
+        msgs.last().map(|m| m.0),
+        Some(b'Z'),
+        "{:?}",
+        msgs.iter().map(|m| m.0 as char).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        simple_query(&mut tls, "SELECT current_user").await,
+        ["aad:alice@contoso.example"]
+    );
+}
+
+#[tokio::test]
+async fn newer_minor_version_and_unknown_protocol_options_are_negotiated_down() {
+    let env = Env::start().await;
+    let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+    tls.write_all(&startup(
+        &[
+            ("user", ALICE),
+            ("database", "dev"),
+            ("_pq_.something", "x"),
+        ],
+        2,
+    ))
+    .await
+    .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!(tag, b'v');
+    assert_eq!(
+        &body[..4],
+        &0i32.to_be_bytes(),
+        "newest minor supported is 0"
+    );
+    assert_eq!(&body[4..8], &1i32.to_be_bytes());
+    assert_eq!(&body[8..], b"_pq_.something\0");
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, auth_code(&body)), (b'R', 3));
+}
+
+#[tokio::test]
+async fn direct_tls_needs_alpn_postgresql() {
+    let env = Env::start().await;
+    let name = || rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    // With ALPN: a PostgreSQL 17 `sslnegotiation=direct` client.
+    let tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(env.client_tls(true))
+        .connect(name(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    tls.write_all(&startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, auth_code(&body)), (b'R', 3));
+    // Without ALPN: refused.
+    let tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(env.client_tls(false))
+        .connect(name(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(&startup(&[("user", ALICE)], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+}
+
+#[tokio::test]
+async fn bytes_pipelined_after_sslrequest_are_not_read_as_protocol() {
+    let env = Env::start().await;
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut buf = SSL_REQUEST.to_vec();
+    buf.extend(startup(&[("user", ALICE), ("database", "dev")], 0));
+    tcp.write_all(&buf).await.unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    // The injected startup is fed to the TLS handshake, which fails; nothing else is answered.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(
+        !rest.contains(&b'R'),
+        "the pipelined startup must not get an authentication request: {rest:?}"
+    );
+    let ended = env.wait_event(|e| e["kind"] == "session_ended").await;
+    assert_eq!(ended["end_reason"], "tls_handshake_failed");
+}
+
+#[tokio::test]
+async fn oversized_and_truncated_startup_packets() {
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(|c, _| c.listener.handshake_timeout = Duration::from_secs(1)),
+        ..EnvOptions::default()
+    })
+    .await;
+    // Oversized: length above 10000.
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&20_000u32.to_be_bytes()).await.unwrap();
+    tcp.write_all(&196_608u32.to_be_bytes()).await.unwrap();
+    let (tag, body) = read_msg(&mut tcp).await.unwrap();
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+    // Below the minimum.
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 2]).await.unwrap();
+    let (tag, body) = read_msg(&mut tcp).await.unwrap();
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+    // Truncated, then silence: closed by the handshake timeout.
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 100, 0, 3, 0, 0, b'u'])
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    env.wait_event(|e| e["kind"] == "session_ended" && e["end_reason"] == "handshake_timeout")
+        .await;
+    // Truncated, then the client closes.
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 100, 0, 3]).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    env.wait_event(|e| e["kind"] == "session_ended" && e["end_reason"] == "client_disconnected")
+        .await;
+}
+
+#[tokio::test]
+async fn cancel_request_reaches_the_right_backend_through_idgates_key() {
+    let env = Env::start().await;
+    let client = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    let cancel = client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = client.simple_query("SELECT pg_sleep(30)").await;
+        (result.err().map(|e| sqlstate(&e)), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*env.client_tls(false)).clone());
+    cancel.cancel_query(tls).await.unwrap();
+    let (code, elapsed) = tokio::time::timeout(Duration::from_secs(20), sleeper)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code.as_deref(), Some("57014"), "query_canceled");
+    assert!(elapsed < Duration::from_secs(20));
+    let forwarded = env.wait_event(|e| e["kind"] == "cancel_forwarded").await;
+    assert!(forwarded["reason"].is_null(), "{forwarded}");
+    // A made-up key is dropped silently: no cancel_forwarded for it.
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut req = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    req.extend_from_slice(&7i32.to_be_bytes());
+    req.extend_from_slice(&9i32.to_be_bytes());
+    tcp.write_all(&req).await.unwrap();
+    let mut rest = Vec::new();
+    tcp.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        env.audit_events()
+            .iter()
+            .filter(|e| e["kind"] == "cancel_forwarded")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn backend_errors_during_login_reach_the_client_with_their_sqlstate() {
+    let env = Env::start().await;
+    let err = env
+        .pg_connect_db(Some(ALICE), &env.token(ALICE), "no_such_db")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&err), "3D000", "{err}");
+    let failed = env
+        .wait_event(|e| e["kind"] == "backend_login_failed")
+        .await;
+    assert_eq!(failed["reason"], "backend_refused_3D000");
+}
+
+#[tokio::test]
+async fn connection_cap_answers_53300() {
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(|c, _| c.listener.max_connections = 1),
+        ..EnvOptions::default()
+    })
+    .await;
+    let first = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    let err = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&err), "53300");
+    drop(first);
+    // The slot frees up once the first session ends.
+    let mut ok = false;
+    for _ in 0..50 {
+        if env.pg_connect(Some(ALICE), &env.token(ALICE)).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok);
+}
+
+#[tokio::test]
+async fn a_target_that_refuses_connections_is_skipped() {
+    // A port with nothing listening, placed first in the pool.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(move |c, _| {
+            let live = c.pools[0].targets[0].clone();
+            let mut dead_target = live.clone();
+            dead_target.addr = dead.to_string();
+            dead_target.port = dead.port();
+            c.pools[0].targets = vec![dead_target, live];
+        }),
+        ..EnvOptions::default()
+    })
+    .await;
+    for _ in 0..4 {
+        let client = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap();
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    let skipped = env
+        .wait_event(|e| e["kind"] == "backend_login_failed")
+        .await;
+    assert_eq!(skipped["reason"], "backend_connect_failed");
+}
