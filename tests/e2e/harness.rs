@@ -66,12 +66,15 @@ pub async fn start_cluster(name: &str, hba: Vec<String>) -> PgCluster {
     cluster
 }
 
+/// A change to the generated configuration.
+pub type Tweak = Box<dyn FnOnce(&mut Config, &Env0) + Send>;
+
 /// What a test environment should look like.
 pub struct EnvOptions {
     /// hba lines of the default cluster (before the harness defaults).
     pub hba: Vec<String>,
     /// Change the generated configuration before the gateway starts.
-    pub tweak: Box<dyn FnOnce(&mut Config, &Env0) + Send>,
+    pub tweak: Tweak,
     /// Number of clusters (targets of the one pool).
     pub clusters: usize,
 }

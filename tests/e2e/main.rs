@@ -8,6 +8,7 @@ mod harness;
 mod audit_logs;
 mod clients;
 mod config_files;
+mod dev_command;
 mod jwks;
 mod protocol;
 mod raw;
