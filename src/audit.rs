@@ -39,6 +39,12 @@ pub enum EventKind {
     SessionEnded,
     /// A CancelRequest was forwarded to a backend.
     CancelForwarded,
+    /// A target went up or down (gateway-level event: nil session id).
+    TargetHealthChanged,
+    /// A target was drained or undrained through the admin API (gateway-level event).
+    TargetDrainChanged,
+    /// The configuration was reloaded, or a reload was refused (gateway-level event).
+    ConfigReloaded,
 }
 
 /// One audit record. Optional fields are left out of the JSON when unknown.
@@ -129,6 +135,15 @@ pub struct SessionFacts {
     /// Target (host:port) that served the session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// The routing rule that chose the pool (`sni`, `startup_option`, `database`, `claim`, `default`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_rule: Option<&'static str>,
+    /// Set when every target was unhealthy and `fail_open` tried one anyway.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub route_forced: bool,
+    /// Target health (target_health_changed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::routing::pool::Health>,
 }
 
 /// Handle to the audit writer. Cheap to clone.
@@ -215,6 +230,11 @@ impl AuditLog {
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
+}
+
+/// A gateway-level event (health, drain, reload): its session id is the nil UUID.
+pub fn system_event(kind: EventKind, facts: &SessionFacts) -> AuditEvent {
+    event(kind, SessionId::nil(), None, facts)
 }
 
 /// Build an event with a fresh id and the current time.

@@ -59,8 +59,14 @@ pub struct RawConfig {
     pub issuers: Vec<RawIssuer>,
     /// `[identity]`: how a token becomes a database identity.
     pub identity: RawIdentity,
+    /// `[admin]`: the admin HTTP listener.
+    pub admin: RawAdmin,
     /// `[routing]`: which pool serves a session.
     pub routing: RawRouting,
+    /// `[health]`: active health checks of targets.
+    pub health: RawHealth,
+    /// `[shutdown]`: graceful shutdown.
+    pub shutdown: RawShutdown,
     /// `[[pools]]`: workgroups. _Default:_ none (required).
     pub pools: Vec<RawPool>,
     /// `[audit]`: where audit events go.
@@ -192,12 +198,110 @@ impl Default for RawIdentity {
     }
 }
 
-/// `[routing]`.
+/// `[admin]`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(default)]
+pub struct RawAdmin {
+    /// Address of the admin HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/pools`, drain,
+    /// reload). _Default:_ none (no admin listener).
+    pub addr: Option<String>,
+    /// File holding a bearer token required on every admin request. _Default:_ none.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token. _Default:_ none.
+    pub bearer_token_env: Option<String>,
+}
+
+/// `[routing]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
 pub struct RawRouting {
-    /// Pool used for every session. _Default:_ the first pool.
+    /// Pool used when no other rule matches. _Default:_ the first pool.
     pub default_pool: Option<String>,
+    /// SNI host names `<pool><suffix>` select that pool, e.g. `".db.contoso.example"`. _Default:_ none.
+    pub sni_suffix: Option<String>,
+    /// Startup option naming the pool: `options=-c idgate.workgroup=NAME`. _Default:_ `"idgate.workgroup"`.
+    pub startup_option: String,
+    /// `database = "NAME<sep>db"` selects pool NAME and database db; empty disables. _Default:_ `"/"`.
+    pub database_separator: String,
+    /// Claim rules, first match wins. _Default:_ none.
+    pub rules: Vec<RawRule>,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        Self {
+            default_pool: None,
+            sni_suffix: None,
+            startup_option: "idgate.workgroup".into(),
+            database_separator: "/".into(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One `[[routing.rules]]` entry: a group or app role selects a pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Entra group object id, or the role name it maps to in `[identity.groups]`.
+    pub group: Option<String>,
+    /// App role value, or the role name it maps to in `[identity.app_roles]`.
+    pub app_role: Option<String>,
+    /// Pool selected.
+    pub pool: String,
+}
+
+/// `[health]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawHealth {
+    /// Probe interval. _Default:_ `"2s"`.
+    pub interval: String,
+    /// Probe timeout. _Default:_ `"1s"`.
+    pub timeout: String,
+    /// Consecutive successes that bring a target back. _Default:_ `2`.
+    pub rise: u32,
+    /// Consecutive failures (probes or live connects) that take a target out. _Default:_ `2`.
+    pub fall: u32,
+    /// Role for the PostgreSQL-level probe (`SELECT 1`); without it probes are TCP only. _Default:_ none.
+    pub probe_user: Option<String>,
+    /// File holding the probe role's password. _Default:_ none.
+    pub probe_password_file: Option<PathBuf>,
+    /// Environment variable holding the probe role's password. _Default:_ none.
+    pub probe_password_env: Option<String>,
+    /// Database the probe connects to. _Default:_ `"postgres"`.
+    pub probe_database: String,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            interval: "2s".into(),
+            timeout: "1s".into(),
+            rise: 2,
+            fall: 2,
+            probe_user: None,
+            probe_password_file: None,
+            probe_password_env: None,
+            probe_database: "postgres".into(),
+        }
+    }
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RawShutdown {
+    /// How long sessions may keep running after SIGTERM before they get 57P01. _Default:_ `"30s"`.
+    pub grace_period: String,
+}
+
+impl Default for RawShutdown {
+    fn default() -> Self {
+        Self {
+            grace_period: "30s".into(),
+        }
+    }
 }
 
 /// `[[pools]]`.
@@ -224,7 +328,19 @@ pub struct RawPool {
     pub connect_timeout: String,
     /// Time allowed for the backend login. _Default:_ `"10s"`.
     pub login_timeout: String,
-    /// Targets, tried round-robin. _Default:_ none (required).
+    /// `"round_robin"`, `"least_sessions"` or `"weighted"`. _Default:_ `"round_robin"`.
+    pub balance: String,
+    /// `"fail_closed"` (08006) or `"fail_open"` (try anyway) when every target is unhealthy.
+    /// _Default:_ `"fail_closed"`.
+    pub when_all_unhealthy: String,
+    /// Groups (object ids or mapped role names) allowed to use the pool; empty with
+    /// `allowed_app_roles` empty means anyone who authenticates. _Default:_ empty.
+    pub allowed_groups: Vec<String>,
+    /// App roles (values or mapped role names) allowed to use the pool. _Default:_ empty.
+    pub allowed_app_roles: Vec<String>,
+    /// Total time for trying targets (connect + login, with retries). _Default:_ `"15s"`.
+    pub retry_budget: String,
+    /// Targets. _Default:_ none (required).
     pub targets: Vec<RawTarget>,
 }
 
@@ -241,6 +357,11 @@ impl Default for RawPool {
             backend_ca_file: None,
             connect_timeout: "5s".into(),
             login_timeout: "10s".into(),
+            balance: "round_robin".into(),
+            when_all_unhealthy: "fail_closed".into(),
+            allowed_groups: Vec::new(),
+            allowed_app_roles: Vec::new(),
+            retry_budget: "15s".into(),
             targets: Vec::new(),
         }
     }
@@ -278,6 +399,8 @@ pub struct RawTelemetry {
     pub log_format: String,
     /// tracing filter directive. _Default:_ `"info"`.
     pub log_level: String,
+    /// OTLP/HTTP endpoint for traces, e.g. `"http://otel-collector:4318"`; empty disables. _Default:_ `""`.
+    pub otlp_endpoint: String,
 }
 
 impl Default for RawTelemetry {
@@ -285,6 +408,7 @@ impl Default for RawTelemetry {
         Self {
             log_format: "text".into(),
             log_level: "info".into(),
+            otlp_endpoint: String::new(),
         }
     }
 }
@@ -306,10 +430,84 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Index of the default pool.
     pub default_pool: usize,
+    /// Admin listener.
+    pub admin: AdminConfig,
+    /// Routing rules.
+    pub routing: RoutingConfig,
+    /// Health checks.
+    pub health: HealthConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
     /// Audit settings.
     pub audit: AuditConfig,
     /// Telemetry settings.
     pub telemetry: TelemetryConfig,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// Address to bind, if any (the binary binds it).
+    pub addr: Option<SocketAddr>,
+    /// Bearer token required on admin requests.
+    pub bearer_token: Option<crate::types::Secret<String>>,
+}
+
+/// A claim rule.
+#[derive(Debug, Clone)]
+pub struct RouteRule {
+    /// Group id or mapped role name.
+    pub group: Option<String>,
+    /// App role value or mapped role name.
+    pub app_role: Option<String>,
+    /// Index of the pool.
+    pub pool: usize,
+}
+
+/// Routing settings.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// SNI suffix.
+    pub sni_suffix: Option<String>,
+    /// Startup option name (`idgate.workgroup`).
+    pub startup_option: String,
+    /// `database` separator; empty disables.
+    pub database_separator: String,
+    /// Claim rules in order.
+    pub rules: Vec<RouteRule>,
+}
+
+/// Health check settings.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Probe interval.
+    pub interval: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Successes to come back.
+    pub rise: u32,
+    /// Failures to go out.
+    pub fall: u32,
+    /// PostgreSQL-level probe credential.
+    pub probe: Option<ProbeCredential>,
+}
+
+/// The probe's login.
+#[derive(Debug, Clone)]
+pub struct ProbeCredential {
+    /// Role.
+    pub user: String,
+    /// Password.
+    pub password: crate::types::Secret<String>,
+    /// Database.
+    pub database: String,
+}
+
+/// Graceful shutdown settings.
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// Grace period.
+    pub grace_period: Duration,
 }
 
 /// Listener settings.
@@ -424,6 +622,26 @@ pub enum BackendTls {
     },
 }
 
+/// Target selection within a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// In turn.
+    RoundRobin,
+    /// Fewest active sessions first.
+    LeastSessions,
+    /// Smooth weighted round-robin by `weight`.
+    Weighted,
+}
+
+/// What to do when every target of a pool is unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllUnhealthy {
+    /// Refuse with 08006.
+    FailClosed,
+    /// Try the targets anyway (recorded in the audit trail).
+    FailOpen,
+}
+
 /// One pool (workgroup).
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -439,6 +657,16 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Backend login timeout.
     pub login_timeout: Duration,
+    /// Target selection.
+    pub balance: Balance,
+    /// All-unhealthy policy.
+    pub when_all_unhealthy: AllUnhealthy,
+    /// Allowed groups (ids or role names).
+    pub allowed_groups: Vec<String>,
+    /// Allowed app roles (values or role names).
+    pub allowed_app_roles: Vec<String>,
+    /// Total time for trying targets.
+    pub retry_budget: Duration,
     /// Targets.
     pub targets: Vec<TargetConfig>,
 }
@@ -481,6 +709,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// Filter directive.
     pub log_level: String,
+    /// OTLP/HTTP endpoint; `None` disables.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Config {
@@ -684,6 +914,43 @@ impl Validator<'_> {
                 }
             },
             log_level: raw.telemetry.log_level,
+            otlp_endpoint: Some(raw.telemetry.otlp_endpoint).filter(|e| !e.is_empty()),
+        };
+        let admin = self.admin(raw.admin);
+        let health = self.health(raw.health);
+        let shutdown = ShutdownConfig {
+            grace_period: self.duration("shutdown.grace_period", &raw.shutdown.grace_period),
+        };
+        let mut rules = Vec::new();
+        for (i, r) in raw.routing.rules.iter().enumerate() {
+            if r.group.is_some() == r.app_role.is_some() {
+                self.issue(
+                    format!("routing.rules[{i}]"),
+                    "set exactly one of group, app_role",
+                );
+            }
+            match names.iter().position(|n| *n == r.pool) {
+                Some(pool) => rules.push(RouteRule {
+                    group: r.group.clone(),
+                    app_role: r.app_role.clone(),
+                    pool,
+                }),
+                None => self.issue(
+                    format!("routing.rules[{i}].pool"),
+                    format!("no pool is named {:?}", r.pool),
+                ),
+            }
+        }
+        let routing = RoutingConfig {
+            sni_suffix: raw
+                .routing
+                .sni_suffix
+                .clone()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_ascii_lowercase()),
+            startup_option: raw.routing.startup_option.clone(),
+            database_separator: raw.routing.database_separator.clone(),
+            rules,
         };
         let audit = AuditConfig {
             file_path: raw.audit.file_path.map(|p| self.resolve(&p)),
@@ -695,9 +962,110 @@ impl Validator<'_> {
             identity,
             pools: pools.into_iter().collect::<Option<Vec<_>>>()?,
             default_pool,
+            admin,
+            routing,
+            health,
+            shutdown,
             audit,
             telemetry,
         })
+    }
+
+    /// A secret from exactly one of a file or an environment variable (or neither: `None`).
+    fn secret(
+        &mut self,
+        path: &str,
+        file: Option<&PathBuf>,
+        env: Option<&String>,
+    ) -> Option<crate::types::Secret<String>> {
+        match (file, env) {
+            (Some(file), None) => self
+                .read_file(&format!("{path}_file"), file)
+                .and_then(|b| String::from_utf8(b).ok())
+                .map(|s| crate::types::Secret::new(s.trim_end_matches(['\r', '\n']).to_owned())),
+            (None, Some(var)) => match self.env.get(var) {
+                Some(v) => Some(crate::types::Secret::new(v.clone())),
+                None => {
+                    self.issue(
+                        format!("{path}_env"),
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                self.issue(path, format!("set only one of {path}_file, {path}_env"));
+                None
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> AdminConfig {
+        let addr = raw
+            .addr
+            .as_ref()
+            .and_then(|a| match a.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    self.issue(
+                        "admin.addr",
+                        format!("{a:?} is not an address such as \"127.0.0.1:9439\": {e}"),
+                    );
+                    None
+                }
+            });
+        let bearer_token = self.secret(
+            "admin.bearer_token",
+            raw.bearer_token_file.as_ref(),
+            raw.bearer_token_env.as_ref(),
+        );
+        AdminConfig { addr, bearer_token }
+    }
+
+    fn health(&mut self, raw: RawHealth) -> HealthConfig {
+        let interval = self.duration("health.interval", &raw.interval);
+        let timeout = self.duration("health.timeout", &raw.timeout);
+        if interval.is_zero() {
+            self.issue("health.interval", "must be positive");
+        }
+        if raw.rise == 0 || raw.fall == 0 {
+            self.issue("health.rise", "rise and fall must be at least 1");
+        }
+        let password = self.secret(
+            "health.probe_password",
+            raw.probe_password_file.as_ref(),
+            raw.probe_password_env.as_ref(),
+        );
+        let probe = match (raw.probe_user, password) {
+            (Some(user), Some(password)) => Some(ProbeCredential {
+                user,
+                password,
+                database: raw.probe_database,
+            }),
+            (Some(_), None) => {
+                self.issue(
+                    "health.probe_user",
+                    "needs probe_password_file or probe_password_env",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.issue(
+                    "health.probe_user",
+                    "a probe password is set but probe_user is not",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        HealthConfig {
+            interval,
+            timeout,
+            rise: raw.rise,
+            fall: raw.fall,
+            probe,
+        }
     }
 
     fn listener(&mut self, raw: RawListener) -> Option<ListenerConfig> {
@@ -1012,6 +1380,37 @@ impl Validator<'_> {
                 ),
             }
         }
+        let balance = match raw.balance.as_str() {
+            "round_robin" => Balance::RoundRobin,
+            "least_sessions" => Balance::LeastSessions,
+            "weighted" => Balance::Weighted,
+            other => {
+                self.issue(
+                    format!("{p}.balance"),
+                    format!("{other:?} is not \"round_robin\", \"least_sessions\" or \"weighted\""),
+                );
+                Balance::RoundRobin
+            }
+        };
+        let when_all_unhealthy = match raw.when_all_unhealthy.as_str() {
+            "fail_closed" => AllUnhealthy::FailClosed,
+            "fail_open" => AllUnhealthy::FailOpen,
+            other => {
+                self.issue(
+                    format!("{p}.when_all_unhealthy"),
+                    format!("{other:?} is not \"fail_closed\" or \"fail_open\""),
+                );
+                AllUnhealthy::FailClosed
+            }
+        };
+        for (j, t) in targets.iter().enumerate() {
+            if targets[..j].iter().any(|o| o.addr == t.addr) {
+                self.issue(
+                    format!("{p}.targets[{j}].addr"),
+                    format!("{} is listed twice", t.addr),
+                );
+            }
+        }
         Some(PoolConfig {
             name: raw.name,
             kind,
@@ -1019,6 +1418,11 @@ impl Validator<'_> {
             backend_tls,
             connect_timeout: self.duration(&format!("{p}.connect_timeout"), &raw.connect_timeout),
             login_timeout: self.duration(&format!("{p}.login_timeout"), &raw.login_timeout),
+            balance,
+            when_all_unhealthy,
+            allowed_groups: raw.allowed_groups,
+            allowed_app_roles: raw.allowed_app_roles,
+            retry_budget: self.duration(&format!("{p}.retry_budget"), &raw.retry_budget),
             targets,
         })
     }

@@ -21,6 +21,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod backend;
@@ -31,11 +32,13 @@ pub mod devidp;
 pub mod error;
 pub mod gateway;
 pub mod identity;
+pub mod metrics;
 pub mod net;
 pub mod pgcluster;
 pub mod protocol;
 pub mod relay;
+pub mod routing;
 pub mod session;
 pub mod types;
 
-pub use gateway::{run, RunError};
+pub use gateway::{run, run_with, ConfigLoader, Listeners, RunError, RunOptions};

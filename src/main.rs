@@ -117,14 +117,77 @@ async fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
         }
     };
     init_tracing(config.telemetry.log_format, &config.telemetry.log_level);
-    let listener = tokio::net::TcpListener::bind(config.listener.addr)
+    let client = tokio::net::TcpListener::bind(config.listener.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.listener.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "idgate listening");
+    let admin = match config.admin.addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on admin address {addr}"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(addr = %client.local_addr()?, admin = ?admin.as_ref().and_then(|a| a.local_addr().ok()), "idgate listening");
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
-    idgate::run(listener, config, shutdown).await?;
+    let fast = CancellationToken::new();
+    spawn_signal_handler_two_stage(shutdown.clone(), fast.clone());
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    spawn_sighup(reload_tx);
+    // Reloads re-read the same file with the environment as it is at reload time.
+    let loader: idgate::ConfigLoader = std::sync::Arc::new(move || Config::load(&path, &env_map()));
+    let options = idgate::RunOptions {
+        loader: Some(loader),
+        reload_requests: Some(reload_rx),
+        fast_shutdown: fast,
+    };
+    idgate::run_with(
+        idgate::Listeners { client, admin },
+        config,
+        options,
+        shutdown,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// First SIGTERM/SIGINT cancels `graceful`; a second one cancels `fast` (skip the grace period).
+fn spawn_signal_handler_two_stage(graceful: CancellationToken, fast: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        for token in [graceful, fast] {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutdown signal received");
+            token.cancel();
+        }
+    });
+}
+
+/// SIGHUP asks for a configuration reload.
+fn spawn_sighup(tx: tokio::sync::mpsc::Sender<()>) {
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot install SIGHUP handler; reload only through the admin API");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if tx.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// SIGTERM / SIGINT cancel `token`.

@@ -1,21 +1,32 @@
 //! The relay: after login, opaque bytes both ways until either side ends.
 //!
-//! No message is parsed here. Half-close is honoured (EOF on one side shuts down writing on the
-//! other, and the other direction keeps flowing until it ends too). Byte counters are updated as
-//! data moves, so the audit trail has them however the session ends.
+//! No message is interpreted. Half-close is honoured: EOF from the client shuts down writing to
+//! the backend and the backend's answer still flows back. Byte counters are updated as data moves,
+//! so the audit trail has them however the session ends. The backend→client direction tracks
+//! message boundaries (type byte and length only), so that on shutdown idgate can end the session
+//! with a proper `57P01` ErrorResponse between two messages instead of cutting one in half.
 
 use std::{
     io,
-    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    task::{Context, Poll},
+    time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::sqlstate,
+    protocol::messages::{self, Severity},
+};
+
+/// Buffer size per direction.
+const BUF: usize = 16 * 1024;
+/// After shutdown is requested, how long to wait for the backend to reach a message boundary.
+const BOUNDARY_WAIT: Duration = Duration::from_secs(5);
 
 /// Bytes moved so far, readable while the relay runs.
 #[derive(Debug, Default, Clone)]
@@ -35,9 +46,51 @@ pub enum RelayError {
     /// Reading from or writing to the backend failed.
     #[error("backend connection failed: {0}")]
     Backend(io::Error),
-    /// idgate is shutting down.
+    /// idgate is shutting down; the client got 57P01.
     #[error("shutdown")]
     Shutdown,
+}
+
+/// Where the backend→client stream stands relative to message boundaries.
+#[derive(Debug, Default)]
+struct Boundary {
+    /// Bytes of the current header seen (0..5).
+    header: [u8; 5],
+    header_len: usize,
+    /// Body bytes still to come of the current message.
+    remaining: usize,
+}
+
+impl Boundary {
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.remaining == 0
+    }
+
+    fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                continue;
+            }
+            let need = 5 - self.header_len;
+            let n = need.min(data.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            self.header_len += n;
+            data = &data[n..];
+            if self.header_len == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]) as usize;
+                self.remaining = len.saturating_sub(4);
+                self.header_len = 0;
+            }
+        }
+    }
 }
 
 /// Relay until both directions are done, an error occurs, or `shutdown` fires.
@@ -51,74 +104,138 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = Counted {
-        inner: client,
-        read: counters.from_client.clone(),
-        failed: false,
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut backend_read, mut backend_write) = tokio::io::split(backend);
+
+    let upstream = async {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let n = client_read
+                .read(&mut buf)
+                .await
+                .map_err(RelayError::Client)?;
+            if n == 0 {
+                backend_write
+                    .shutdown()
+                    .await
+                    .map_err(RelayError::Backend)?;
+                return Ok::<(), RelayError>(());
+            }
+            counters.from_client.fetch_add(n as u64, Ordering::Relaxed);
+            backend_write
+                .write_all(&buf[..n])
+                .await
+                .map_err(RelayError::Backend)?;
+        }
     };
-    let mut backend = Counted {
-        inner: backend,
-        read: counters.to_client.clone(),
-        failed: false,
+
+    let downstream = async {
+        let mut buf = vec![0u8; BUF];
+        let mut boundary = Boundary::default();
+        let mut stop_by: Option<tokio::time::Instant> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                let deadline =
+                    *stop_by.get_or_insert_with(|| tokio::time::Instant::now() + BOUNDARY_WAIT);
+                if boundary.at_boundary() {
+                    let mut out = Vec::new();
+                    messages::error_response(
+                        &mut out,
+                        Severity::Fatal,
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "idgate is shutting down; reconnect",
+                        None,
+                    );
+                    let _ = client_write.write_all(&out).await;
+                    let _ = client_write.flush().await;
+                    let _ = client_write.shutdown().await;
+                    return Err(RelayError::Shutdown);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(RelayError::Shutdown);
+                }
+            }
+            let n = tokio::select! {
+                r = backend_read.read(&mut buf) => r.map_err(RelayError::Backend)?,
+                _ = shutdown.cancelled(), if stop_by.is_none() => continue,
+                _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => continue,
+            };
+            if n == 0 {
+                client_write.shutdown().await.map_err(RelayError::Client)?;
+                return Ok(());
+            }
+            boundary.advance(&buf[..n]);
+            counters.to_client.fetch_add(n as u64, Ordering::Relaxed);
+            client_write
+                .write_all(&buf[..n])
+                .await
+                .map_err(RelayError::Client)?;
+        }
     };
-    tokio::select! {
-        result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, 16 * 1024, 16 * 1024) => {
-            // Blame the side whose socket reported the error.
-            result.map(|_| ()).map_err(|e| if backend.failed && !client.failed { RelayError::Backend(e) } else { RelayError::Client(e) })
+
+    tokio::pin!(upstream, downstream);
+    let mut upstream_done = false;
+    loop {
+        tokio::select! {
+            r = &mut upstream, if !upstream_done => {
+                r?;
+                upstream_done = true;
+            }
+            r = &mut downstream => return r,
         }
-        _ = shutdown.cancelled() => Err(RelayError::Shutdown),
     }
 }
 
-/// A stream that counts the bytes read from it and remembers whether it failed.
-struct Counted<S> {
-    inner: S,
-    read: Arc<AtomicU64>,
-    failed: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<S> Counted<S> {
-    fn note<T>(&mut self, p: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if let Poll::Ready(Err(_)) = &p {
-            self.failed = true;
+    #[test]
+    fn boundary_tracks_split_headers_and_bodies() {
+        let mut b = Boundary::default();
+        let mut msg = vec![b'D'];
+        msg.extend_from_slice(&9u32.to_be_bytes());
+        msg.extend_from_slice(b"hello");
+        let mut z = vec![b'Z', 0, 0, 0, 5, b'I'];
+        let mut all = msg.clone();
+        all.append(&mut z);
+        for split in 0..all.len() {
+            let mut b2 = Boundary::default();
+            b2.advance(&all[..split]);
+            b2.advance(&all[split..]);
+            assert!(b2.at_boundary(), "split at {split}");
         }
-        p
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        self.note(result)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let p = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.note(p)
+        b.advance(&msg[..3]);
+        assert!(!b.at_boundary());
+        b.advance(&msg[3..7]);
+        assert!(!b.at_boundary());
+        b.advance(&msg[7..]);
+        assert!(b.at_boundary());
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let p = Pin::new(&mut self.inner).poll_flush(cx);
-        self.note(p)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let p = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.note(p)
+    #[tokio::test]
+    async fn half_close_lets_the_answer_through() {
+        let (client, mut client_peer) = tokio::io::duplex(1024);
+        let (backend, mut backend_peer) = tokio::io::duplex(1024);
+        let counters = ByteCounters::default();
+        let token = CancellationToken::new();
+        let task = tokio::spawn(async move {
+            relay(client, backend, &counters, &token)
+                .await
+                .map(|_| counters)
+        });
+        client_peer.write_all(b"ping").await.unwrap();
+        client_peer.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        backend_peer.write_all(b"pong").await.unwrap();
+        backend_peer.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client_peer.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong");
+        let counters = task.await.unwrap().unwrap();
+        assert_eq!(counters.from_client.load(Ordering::Relaxed), 4);
+        assert_eq!(counters.to_client.load(Ordering::Relaxed), 4);
     }
 }

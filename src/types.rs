@@ -34,6 +34,11 @@ impl SessionId {
     pub fn new() -> Self {
         Self(uuid::Uuid::new_v4())
     }
+
+    /// The nil id, used by gateway-level audit events that belong to no session.
+    pub fn nil() -> Self {
+        Self(uuid::Uuid::nil())
+    }
 }
 
 impl Default for SessionId {

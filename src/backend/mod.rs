@@ -4,14 +4,7 @@
 //! Targets are tried round-robin; a target that cannot be reached (refused, timed out) or that
 //! refuses the login with a retryable SQLSTATE is skipped before the client sees anything.
 
-use std::{
-    borrow::Cow,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{borrow::Cow, time::Duration};
 
 use bytes::BytesMut;
 use postgres_protocol::{
@@ -25,7 +18,7 @@ use tokio::{
 use tokio_util::either::Either;
 
 use crate::{
-    config::{BackendAuth, BackendTls, PoolConfig, TargetConfig},
+    config::{BackendAuth, PoolConfig, ProbeCredential, TargetConfig},
     error::{sqlstate, ErrorKind, Reportable, UserFacing},
     net::{stream::BackendStream, tls},
     protocol::{
@@ -33,50 +26,12 @@ use crate::{
         messages::{parse_error_fields, ErrorFields},
         startup::CancelKey,
     },
+    routing::pool::{Pool, Target},
     types::Secret,
 };
 
 /// Cap on one backend message during login (ParameterStatus, ErrorResponse, SASL data).
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
-
-/// A pool at run time: its configuration, backend TLS setup and round-robin cursor.
-#[derive(Debug)]
-pub struct Pool {
-    /// The configuration.
-    pub config: PoolConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    cursor: AtomicUsize,
-}
-
-impl Pool {
-    /// Prepare a pool (builds the backend TLS configuration).
-    pub fn new(config: PoolConfig) -> Result<Self, tls::TlsSetupError> {
-        let tls = match &config.backend_tls {
-            BackendTls::Disable => None,
-            BackendTls::Require => Some(tls::backend_client_config(false, None)?),
-            BackendTls::VerifyFull { ca_pem } => {
-                Some(tls::backend_client_config(true, ca_pem.as_deref())?)
-            }
-        };
-        Ok(Self {
-            config,
-            tls,
-            cursor: AtomicUsize::new(0),
-        })
-    }
-
-    /// Targets in the order to try them for the next session (round-robin start).
-    pub fn targets_in_order(&self) -> Vec<&TargetConfig> {
-        let n = self.config.targets.len();
-        if n == 0 {
-            return Vec::new();
-        }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n)
-            .map(|i| &self.config.targets[(start + i) % n])
-            .collect()
-    }
-}
 
 /// A logged-in backend connection at ReadyForQuery.
 pub struct BackendConnection {
@@ -244,18 +199,34 @@ impl UserFacing for ConnectError {
     }
 }
 
-/// Connect to the pool's targets in round-robin order and log in as `user` with `params`.
-/// Retryable failures move on to the next target; the first non-retryable failure is returned.
-pub async fn connect(
-    pool: &Pool,
+/// Try `candidates` in order and log in as `user` with `params`. Retryable failures move on to
+/// the next target (reported through `on_retry`); the first non-retryable failure is returned.
+/// The whole attempt is bounded by the pool's `retry_budget`.
+pub async fn connect<'a>(
+    pool: &'a Pool,
+    candidates: &[&'a Target],
     user: &str,
     params: &[(String, String)],
-    mut on_retry: impl FnMut(&TargetConfig, &ConnectError),
-) -> Result<BackendConnection, ConnectError> {
+    mut on_retry: impl FnMut(&Target, &ConnectError),
+) -> Result<(BackendConnection, &'a Target), ConnectError> {
+    let deadline = tokio::time::Instant::now() + pool.config.retry_budget;
     let mut last = None;
-    for target in pool.targets_in_order() {
-        match connect_target(pool, target, user, params).await {
-            Ok(conn) => return Ok(conn),
+    for target in candidates {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        let credentials = Credentials::for_pool(&pool.config, user);
+        let attempt = connect_target(pool, &target.config, &credentials, params);
+        let result = match tokio::time::timeout(remaining, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout {
+                addr: target.config.addr.clone(),
+                phase: "retry budget",
+            }),
+        };
+        match result {
+            Ok(conn) => return Ok((conn, target)),
             Err(e) if e.could_retry() => {
                 on_retry(target, &e);
                 last = Some(e);
@@ -268,10 +239,106 @@ pub async fn connect(
     }))
 }
 
+/// Who idgate logs in as, and with what.
+pub struct Credentials<'a> {
+    /// Role name sent in the startup message.
+    pub user: &'a str,
+    /// Password, if the backend asks for one.
+    pub password: Option<&'a Secret<String>>,
+    /// Mode name for error messages.
+    pub mode: &'static str,
+}
+
+impl<'a> Credentials<'a> {
+    /// The pool's backend login for the mapped user `user`.
+    pub fn for_pool(cfg: &'a PoolConfig, user: &'a str) -> Self {
+        match &cfg.backend_auth {
+            BackendAuth::Trust => Credentials {
+                user,
+                password: None,
+                mode: "trust",
+            },
+            BackendAuth::Password {
+                user: Some(fixed),
+                password,
+            } => Credentials {
+                user: fixed.as_str(),
+                password: Some(password),
+                mode: "password",
+            },
+            BackendAuth::Password {
+                user: None,
+                password,
+            } => Credentials {
+                user,
+                password: Some(password),
+                mode: "password",
+            },
+        }
+    }
+}
+
+/// Health probe: TCP connect, then (with a probe credential) login and `SELECT 1`.
+pub async fn probe(
+    pool: &Pool,
+    target: &TargetConfig,
+    credential: Option<&ProbeCredential>,
+) -> Result<(), ConnectError> {
+    let addr = target.addr.clone();
+    let Some(cred) = credential else {
+        return match TcpStream::connect((target.host.as_str(), target.port)).await {
+            Ok(_) => Ok(()),
+            Err(source) => Err(ConnectError::Connect { addr, source }),
+        };
+    };
+    let credentials = Credentials {
+        user: &cred.user,
+        password: Some(&cred.password),
+        mode: "probe",
+    };
+    let params = vec![
+        ("database".to_owned(), cred.database.clone()),
+        ("application_name".to_owned(), "idgate-probe".to_owned()),
+    ];
+    let mut conn = connect_target(pool, target, &credentials, &params).await?;
+    let io = |e: std::io::Error| ConnectError::Protocol {
+        addr: addr.clone(),
+        message: format!("probe: {e}").into(),
+    };
+    let mut out = BytesMut::new();
+    frontend::query("SELECT 1", &mut out).map_err(io)?;
+    conn.stream.write_all(&out).await.map_err(io)?;
+    loop {
+        let frame = read_frame(&mut conn.stream, MAX_LOGIN_MESSAGE)
+            .await
+            .map_err(|e| ConnectError::Protocol {
+                addr: addr.clone(),
+                message: format!("probe: {e}").into(),
+            })?;
+        match frame.tag {
+            b'E' => {
+                let fields = parse_error_fields(&frame.body);
+                return Err(ConnectError::Refused {
+                    addr,
+                    fields,
+                    raw: Vec::new(),
+                });
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    let mut out = BytesMut::new();
+    frontend::terminate(&mut out);
+    let _ = conn.stream.write_all(&out).await;
+    let _ = conn.stream.shutdown().await;
+    Ok(())
+}
+
 async fn connect_target(
     pool: &Pool,
     target: &TargetConfig,
-    user: &str,
+    credentials: &Credentials<'_>,
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
@@ -294,7 +361,7 @@ async fn connect_target(
     let _ = tcp.set_nodelay(true);
     let login = async {
         let stream = negotiate_tls(pool, target, tcp).await?;
-        login(stream, cfg, target, user, params).await
+        login(stream, target, credentials, params).await
     };
     match tokio::time::timeout(cfg.login_timeout, login).await {
         Ok(result) => result,
@@ -339,9 +406,8 @@ async fn negotiate_tls(
 
 async fn login(
     mut stream: BackendStream,
-    cfg: &PoolConfig,
     target: &TargetConfig,
-    user: &str,
+    credentials: &Credentials<'_>,
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
@@ -349,21 +415,7 @@ async fn login(
         addr: target.addr.clone(),
         message: message.into(),
     };
-    let (login_user, password): (&str, Option<&Secret<String>>) = match &cfg.backend_auth {
-        BackendAuth::Trust => (user, None),
-        BackendAuth::Password {
-            user: Some(fixed),
-            password,
-        } => (fixed.as_str(), Some(password)),
-        BackendAuth::Password {
-            user: None,
-            password,
-        } => (user, Some(password)),
-    };
-    let mode = match &cfg.backend_auth {
-        BackendAuth::Trust => "trust",
-        BackendAuth::Password { .. } => "password",
-    };
+    let (login_user, password, mode) = (credentials.user, credentials.password, credentials.mode);
     let mut buf = BytesMut::new();
     let startup = std::iter::once(("user", login_user))
         .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));

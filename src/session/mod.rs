@@ -20,11 +20,13 @@ use crate::{
     backend::{self, plain_server_version, ConnectError},
     cancel::CancelTarget,
     error::{sqlstate, ErrorKind, Reportable, UserFacing},
-    gateway::Gateway,
+    gateway::{Gateway, Snapshot},
     identity::{map_identity, IdentityError},
+    metrics::{DirectionLabels, OutcomeLabels, ReasonLabels, RouteLabels},
     net::stream::ClientStream,
     protocol::messages::{self, Severity},
     relay::{relay, RelayError},
+    routing::{self, pool::ActiveSession, RouteError, RouteInput},
 };
 use context::SessionContext;
 use handshake::{Handshake, HandshakeError, TokenCarriage};
@@ -48,6 +50,12 @@ pub enum SessionError {
     /// The backend could not be reached or refused the login.
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// No pool could be chosen, or the person may not use it.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// Every target of the chosen pool is unhealthy and the pool fails closed.
+    #[error("every target of pool {0} is unhealthy")]
+    AllUnhealthy(String),
     /// The handshake took longer than `handshake_timeout`.
     #[error("handshake timed out")]
     HandshakeTimeout,
@@ -73,6 +81,8 @@ impl Reportable for SessionError {
             SessionError::Identity(e) => e.kind(),
             SessionError::Params(e) => e.kind(),
             SessionError::Connect(e) => e.kind(),
+            SessionError::Route(e) => e.kind(),
+            SessionError::AllUnhealthy(_) => ErrorKind::BackendUnavailable,
             SessionError::HandshakeTimeout => ErrorKind::ClientDisconnect,
             SessionError::TooManyConnections => ErrorKind::RateLimit,
             SessionError::Shutdown => ErrorKind::Shutdown,
@@ -86,6 +96,8 @@ impl Reportable for SessionError {
             SessionError::Identity(e) => e.reason(),
             SessionError::Params(e) => e.reason(),
             SessionError::Connect(e) => e.reason(),
+            SessionError::Route(e) => e.reason(),
+            SessionError::AllUnhealthy(_) => "all_targets_unhealthy".into(),
             SessionError::HandshakeTimeout => "handshake_timeout".into(),
             SessionError::TooManyConnections => "too_many_connections".into(),
             SessionError::Shutdown => "shutdown".into(),
@@ -101,6 +113,8 @@ impl UserFacing for SessionError {
             SessionError::Identity(e) => e.sqlstate(),
             SessionError::Params(e) => e.sqlstate(),
             SessionError::Connect(e) => e.sqlstate(),
+            SessionError::Route(e) => e.sqlstate(),
+            SessionError::AllUnhealthy(_) => sqlstate::CONNECTION_FAILURE,
             SessionError::HandshakeTimeout => sqlstate::PROTOCOL_VIOLATION,
             SessionError::TooManyConnections => sqlstate::TOO_MANY_CONNECTIONS,
             SessionError::Shutdown => sqlstate::ADMIN_SHUTDOWN,
@@ -114,6 +128,11 @@ impl UserFacing for SessionError {
             SessionError::Identity(e) => e.client_message(),
             SessionError::Params(e) => e.client_message(),
             SessionError::Connect(e) => e.client_message(),
+            SessionError::Route(e) => e.client_message(),
+            SessionError::AllUnhealthy(pool) => format!(
+                "workgroup \"{pool}\" has no healthy database target right now; try again shortly"
+            )
+            .into(),
             SessionError::HandshakeTimeout => "timed out waiting for the login to complete".into(),
             SessionError::TooManyConnections => {
                 "too many connections to idgate; try again later".into()
@@ -131,17 +150,20 @@ pub async fn handle_client(
     shutdown: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
+    let accepted_at = std::time::Instant::now();
+    // One configuration snapshot for the whole session: a reload never changes it mid-way.
+    let snap = gw.snapshot();
     let mut ctx = SessionContext::accepted(gw.audit.clone(), peer);
     // Over the cap, the handshake still runs (bounded by handshake_timeout) so the client gets a
     // readable 53300 instead of a broken TLS negotiation; no token is read and no backend is used.
     let permit = gw.connections.clone().try_acquire_owned().ok();
     let handshake = tokio::time::timeout(
-        gw.config.listener.handshake_timeout,
+        snap.config.listener.handshake_timeout,
         handshake::negotiate(
             tcp,
             peer,
-            gw.tls.as_ref(),
-            gw.config.listener.allow_plaintext,
+            snap.tls.as_ref(),
+            snap.config.listener.allow_plaintext,
         ),
     )
     .await;
@@ -164,7 +186,7 @@ pub async fn handle_client(
                 let result = backend::send_cancel(
                     &target.target,
                     target.backend_key,
-                    gw.config.listener.handshake_timeout,
+                    snap.config.listener.handshake_timeout,
                 )
                 .await;
                 let detail = format!("cancelled session {}", target.session_id);
@@ -199,14 +221,64 @@ pub async fn handle_client(
                 return;
             };
             let result = tokio::select! {
-                r = session(&gw, &mut ctx, &mut stream, startup) => r,
+                r = session(&gw, &snap, &mut ctx, &mut stream, startup, accepted_at) => r,
                 _ = shutdown.cancelled() => Err(SessionError::Shutdown),
             };
-            match result {
-                Ok(Some(backend)) => run_relay(&mut ctx, stream, backend, &shutdown).await,
-                Ok(None) => {}
-                Err(e) => fail(&mut ctx, Some(&mut stream), &e).await,
-            }
+            let outcome = match result {
+                Ok(Some(backend)) => {
+                    run_relay(&mut ctx, stream, backend, &shutdown).await;
+                    let m = &gw.metrics.bytes;
+                    m.get_or_create(&DirectionLabels {
+                        direction: "in".into(),
+                    })
+                    .inc_by(
+                        ctx.counters
+                            .from_client
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    m.get_or_create(&DirectionLabels {
+                        direction: "out".into(),
+                    })
+                    .inc_by(
+                        ctx.counters
+                            .to_client
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    "relayed"
+                }
+                Ok(None) => "disconnected",
+                Err(e) => {
+                    let outcome = match &e {
+                        SessionError::Token(_)
+                        | SessionError::Identity(_)
+                        | SessionError::Params(_)
+                        | SessionError::Route(_) => {
+                            gw.metrics
+                                .auth_failures
+                                .get_or_create(&ReasonLabels {
+                                    reason: e.reason().into_owned(),
+                                })
+                                .inc();
+                            "auth_failed"
+                        }
+                        SessionError::Connect(_) | SessionError::AllUnhealthy(_) => {
+                            "backend_failed"
+                        }
+                        SessionError::Handshake(_)
+                        | SessionError::HandshakeTimeout
+                        | SessionError::TooManyConnections
+                        | SessionError::Shutdown => "refused",
+                    };
+                    fail(&mut ctx, Some(&mut stream), &e).await;
+                    outcome
+                }
+            };
+            gw.metrics
+                .sessions
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.into(),
+                })
+                .inc();
         }
     }
 }
@@ -214,9 +286,11 @@ pub async fn handle_client(
 /// Handshake through backend login. Returns the logged-in backend, ready to relay.
 async fn session(
     gw: &Gateway,
+    snap: &Snapshot,
     ctx: &mut SessionContext,
     stream: &mut ClientStream,
     startup: crate::protocol::startup::StartupMessage,
+    accepted_at: std::time::Instant,
 ) -> Result<Option<Box<LoggedIn>>, SessionError> {
     let params = &startup.params;
     ctx.facts.client_user = params.get("user").map(str::to_owned);
@@ -234,13 +308,16 @@ async fn session(
     let mut pending = Vec::new();
     handshake::negotiation_replies(&startup, &mut pending);
     let token = tokio::time::timeout(
-        gw.config.listener.handshake_timeout,
+        snap.config.listener.handshake_timeout,
         handshake::read_token(stream, carriage, pending),
     )
     .await
     .map_err(|_| SessionError::HandshakeTimeout)??;
+    gw.metrics
+        .handshake_seconds
+        .observe(accepted_at.elapsed().as_secs_f64());
 
-    let claims = gw.auth.verify(token.expose()).await;
+    let claims = snap.auth.verify(token.expose()).await;
     drop(token);
     let claims = claims?;
     ctx.facts.issuer = Some(claims.issuer_name().to_owned());
@@ -248,23 +325,77 @@ async fn session(
     ctx.facts.object_id = claims.object_id().map(str::to_owned);
     ctx.facts.token_id = claims.token_id().map(str::to_owned);
 
-    let identity = map_identity(&gw.config.identity, &claims, params.get("user"))?;
+    let config = &snap.config;
+    let identity = map_identity(&config.identity, &claims, params.get("user"))?;
     ctx.facts.db_user = Some(identity.db_user.clone());
     ctx.facts.roles = identity.roles.clone();
 
-    let pool = gw.default_pool();
+    let route_option = params
+        .get("options")
+        .and_then(|o| params::take_option(o, &config.routing.startup_option).0);
+    let decision = routing::route(
+        config,
+        &RouteInput {
+            sni: ctx.facts.sni.as_deref(),
+            option: route_option.as_deref(),
+            database: params.get("database"),
+            claims: &claims,
+        },
+    )?;
+    let pool = &snap.pools[decision.pool];
     ctx.facts.pool = Some(pool.config.name.clone());
-    let backend_params = params::backend_params(params, pool.config.kind)?;
+    ctx.facts.route_rule = Some(decision.rule.as_str());
+    if decision.database.is_some() {
+        ctx.facts.database = decision.database.clone();
+    }
+    gw.metrics
+        .routes
+        .get_or_create(&RouteLabels {
+            rule: decision.rule.as_str().into(),
+            pool: pool.config.name.clone(),
+        })
+        .inc();
+    let backend_params = params::backend_params_routed(
+        params,
+        pool.config.kind,
+        Some(&config.routing.startup_option),
+        decision.database.as_deref(),
+    )?;
     ctx.emit(EventKind::AuthSucceeded, None, None);
 
-    let backend = backend::connect(pool, &identity.db_user, &backend_params, |target, e| {
-        ctx.emit(
-            EventKind::BackendLoginFailed,
-            Some(e.reason().into_owned()),
-            Some(format!("{}: {e}; trying the next target", target.addr)),
-        );
-    })
+    let (candidates, forced) = pool.candidates();
+    if candidates.is_empty() {
+        return Err(SessionError::AllUnhealthy(pool.config.name.clone()));
+    }
+    ctx.facts.route_forced = forced;
+    let fall = config.health.fall;
+    let login_started = std::time::Instant::now();
+    let (backend, target) = backend::connect(
+        pool,
+        &candidates,
+        &identity.db_user,
+        &backend_params,
+        |target, e| {
+            ctx.emit(
+                EventKind::BackendLoginFailed,
+                Some(e.reason().into_owned()),
+                Some(format!(
+                    "{}: {e}; trying the next target",
+                    target.config.addr
+                )),
+            );
+            // Passive ejection: live connect failures count towards `fall`.
+            if let Some(h) = target.state.failure(fall) {
+                routing::health::report(gw, &pool.config.name, target, h, &e.to_string());
+            }
+        },
+    )
     .await?;
+    gw.metrics
+        .backend_login_seconds
+        .observe(login_started.elapsed().as_secs_f64());
+    target.state.live_ok();
+    let active = ActiveSession::new(target);
     ctx.facts.target = Some(backend.target.addr.clone());
     if backend.login_user != identity.db_user {
         ctx.facts.db_user = Some(backend.login_user.clone());
@@ -301,13 +432,16 @@ async fn session(
     Ok(Some(Box::new(LoggedIn {
         backend,
         _cancel: registration.map(|(_, r)| r),
+        _active: active,
     })))
 }
 
-/// A backend at ReadyForQuery plus the session's cancel registration (removed on drop).
+/// A backend at ReadyForQuery plus the session's cancel registration and its count on the
+/// target (both released on drop).
 struct LoggedIn {
     backend: backend::BackendConnection,
     _cancel: Option<crate::cancel::CancelRegistration>,
+    _active: ActiveSession,
 }
 
 async fn run_relay(
@@ -316,7 +450,11 @@ async fn run_relay(
     logged_in: Box<LoggedIn>,
     shutdown: &CancellationToken,
 ) {
-    let LoggedIn { backend, _cancel } = *logged_in;
+    let LoggedIn {
+        backend,
+        _cancel,
+        _active,
+    } = *logged_in;
     let counters = ctx.counters.clone();
     let end = match relay(client, backend.stream, &counters, shutdown).await {
         Ok(()) => "closed".to_owned(),
@@ -332,13 +470,14 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
     let reason = e.reason().into_owned();
     let detail = Some(e.to_string());
     match e {
-        SessionError::Token(_) | SessionError::Identity(_) | SessionError::Params(_) => {
-            ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail)
-        }
+        SessionError::Token(_)
+        | SessionError::Identity(_)
+        | SessionError::Params(_)
+        | SessionError::Route(_) => ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail),
         SessionError::Handshake(h) if h.kind() == ErrorKind::User => {
             ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail)
         }
-        SessionError::Connect(_) => {
+        SessionError::Connect(_) | SessionError::AllUnhealthy(_) => {
             ctx.emit(EventKind::BackendLoginFailed, Some(reason.clone()), detail)
         }
         SessionError::Handshake(_)

@@ -86,6 +86,17 @@ pub fn backend_params(
     params: &StartupParams,
     kind: PoolKind,
 ) -> Result<Vec<(String, String)>, ParamsError> {
+    backend_params_routed(params, kind, None, None)
+}
+
+/// [`backend_params`] after routing: `route_option` is removed from `options`, and `database`
+/// replaces the startup database (the `NAME/db` form).
+pub fn backend_params_routed(
+    params: &StartupParams,
+    kind: PoolKind,
+    route_option: Option<&str>,
+    database: Option<&str>,
+) -> Result<Vec<(String, String)>, ParamsError> {
     let mut out = Vec::new();
     for (key, value) in params.iter() {
         let lower = key.to_ascii_lowercase();
@@ -107,36 +118,91 @@ pub fn backend_params(
                     return Err(ParamsError::IdentityChanging(name));
                 }
             }
+            let rest = match route_option {
+                Some(opt) => take_option(value, opt).1,
+                None => value.to_owned(),
+            };
+            if !rest.is_empty() {
+                out.push((key.to_owned(), rest));
+            }
+            continue;
+        }
+        if lower == "database" {
+            out.push((key.to_owned(), database.unwrap_or(value).to_owned()));
+            continue;
         }
         out.push((key.to_owned(), value.to_owned()));
     }
     Ok(out)
 }
 
-/// The setting names in an `options` value (`-c name=value`, `-cname=value`, `--name=value`),
-/// normalized as PostgreSQL does (lower case, `-` → `_`). Backslash escapes a space.
-pub fn option_names(options: &str) -> Vec<String> {
+/// Split an `options` value into words, keeping each word's raw text (with its escapes) and its
+/// unescaped value. Backslash escapes the next character, as PostgreSQL's `pg_split_opts`.
+fn option_words(options: &str) -> Vec<(String, String)> {
     let mut words = Vec::new();
-    let mut word = String::new();
+    let (mut raw, mut word) = (String::new(), String::new());
     let mut chars = options.chars();
     while let Some(c) = chars.next() {
         match c {
             '\\' => {
+                raw.push(c);
                 if let Some(n) = chars.next() {
+                    raw.push(n);
                     word.push(n);
                 }
             }
             c if c.is_whitespace() => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
+                if !raw.is_empty() {
+                    words.push((std::mem::take(&mut raw), std::mem::take(&mut word)));
                 }
             }
-            c => word.push(c),
+            c => {
+                raw.push(c);
+                word.push(c);
+            }
         }
     }
-    if !word.is_empty() {
-        words.push(word);
+    if !raw.is_empty() {
+        words.push((raw, word));
     }
+    words
+}
+
+/// Remove the setting `name` (`-c name=v`, `-cname=v`, `--name=v`) from `options`; returns its
+/// value and the remaining options (raw text preserved).
+pub fn take_option(options: &str, name: &str) -> (Option<String>, String) {
+    let words = option_words(options);
+    let mut kept: Vec<&str> = Vec::new();
+    let mut value = None;
+    let prefix = format!("{name}=");
+    let mut i = 0;
+    while i < words.len() {
+        let (raw, word) = &words[i];
+        let (setting, consumed) = if word == "-c" {
+            (words.get(i + 1).map(|w| w.1.as_str()), 2)
+        } else if let Some(rest) = word.strip_prefix("--") {
+            (Some(rest), 1)
+        } else {
+            (word.strip_prefix("-c"), 1)
+        };
+        match setting.and_then(|s| s.strip_prefix(prefix.as_str())) {
+            Some(v) => {
+                value = Some(v.to_owned());
+                i += consumed;
+            }
+            None => {
+                kept.push(raw);
+                i += 1;
+            }
+        }
+    }
+    (value, kept.join(" "))
+}
+
+/// The setting names in an `options` value (`-c name=value`, `-cname=value`, `--name=value`),
+/// normalized as PostgreSQL does (lower case, `-` → `_`). Backslash escapes a space.
+pub fn option_names(options: &str) -> Vec<String> {
+    let words: Vec<String> = option_words(options).into_iter().map(|(_, w)| w).collect();
     let mut names = Vec::new();
     let mut iter = words.into_iter();
     while let Some(w) = iter.next() {
@@ -222,5 +288,31 @@ mod tests {
             option_names("-c search_path=a\\ b --work-mem=1MB"),
             ["search_path", "work_mem"]
         );
+    }
+
+    #[test]
+    fn the_routing_option_is_taken_out_and_the_database_rewritten() {
+        let (v, rest) = take_option(
+            "-c search_path=a\\ b -c idgate.workgroup=wg-b --x=1",
+            "idgate.workgroup",
+        );
+        assert_eq!(
+            (v.as_deref(), rest.as_str()),
+            (Some("wg-b"), "-c search_path=a\\ b --x=1")
+        );
+        let (v, rest) = take_option("-cidgate.workgroup=a", "idgate.workgroup");
+        assert_eq!((v.as_deref(), rest.as_str()), (Some("a"), ""));
+        let p = params(&[
+            ("database", "wg-b/dev"),
+            ("options", "-c idgate.workgroup=wg-b"),
+        ]);
+        let out = backend_params_routed(
+            &p,
+            PoolKind::Postgres,
+            Some("idgate.workgroup"),
+            Some("dev"),
+        )
+        .unwrap();
+        assert_eq!(out, vec![("database".to_owned(), "dev".to_owned())]);
     }
 }
