@@ -64,6 +64,15 @@ pub async fn start_cluster(name: &str, hba: Vec<String>) -> PgCluster {
     cluster.exec("CREATE DATABASE dev").await.unwrap();
     cluster.exec_in("dev", SETUP_SQL).await.unwrap();
     cluster
+        .exec_in(
+            "dev",
+            &format!("CREATE TABLE whoami (name text); INSERT INTO whoami VALUES ('{name}'); GRANT SELECT ON whoami TO PUBLIC;"),
+        )
+        .await
+        .unwrap();
+    // synchronous_commit is off in test clusters: make the setup survive `stop -m immediate`.
+    cluster.exec("CHECKPOINT").await.unwrap();
+    cluster
 }
 
 /// A change to the generated configuration.
@@ -75,8 +84,15 @@ pub struct EnvOptions {
     pub hba: Vec<String>,
     /// Change the generated configuration before the gateway starts.
     pub tweak: Tweak,
-    /// Number of clusters (targets of the one pool).
+    /// Number of clusters (targets of the one pool, unless `pools_toml` is set).
     pub clusters: usize,
+    /// `[[pools]]` sections replacing the default pool; `{c0}`, `{c1}`… stand for the clusters'
+    /// addresses.
+    pub pools_toml: Option<String>,
+    /// TOML appended to the generated configuration (e.g. `[routing]`, `[health]`).
+    pub extra_toml: String,
+    /// Start an admin listener.
+    pub admin: bool,
 }
 
 impl Default for EnvOptions {
@@ -85,6 +101,9 @@ impl Default for EnvOptions {
             hba: vec!["host all all 127.0.0.1/32 trust".into()],
             tweak: Box::new(|_, _| {}),
             clusters: 1,
+            pools_toml: None,
+            extra_toml: String::new(),
+            admin: false,
         }
     }
 }
@@ -108,6 +127,10 @@ pub struct Env {
     pub audit_path: PathBuf,
     #[allow(dead_code)]
     pub config: Config,
+    /// `http://127.0.0.1:PORT` of the admin listener, when started.
+    pub admin_url: Option<String>,
+    /// The configuration file reloads read.
+    pub config_path: PathBuf,
     shutdown: CancellationToken,
     gateway: Option<JoinHandle<Result<(), idgate::RunError>>>,
     idp_cancel: CancellationToken,
@@ -124,7 +147,15 @@ impl Env {
             .tempdir()
             .unwrap();
         let ca = DevCa::new("idgate test CA").unwrap();
-        let server = ca.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+        let server = ca
+            .server_cert(&[
+                "localhost",
+                "127.0.0.1",
+                "wg0.db.idgate.test",
+                "wg1.db.idgate.test",
+                "wg2.db.idgate.test",
+            ])
+            .unwrap();
         let ca_path = dir.path().join("ca.pem");
         std::fs::write(&ca_path, ca.cert_pem()).unwrap();
         std::fs::write(dir.path().join("idgate.pem"), &server.cert_pem).unwrap();
@@ -148,36 +179,18 @@ impl Env {
             .iter()
             .map(|c| format!("{{ addr = \"{}\" }}", c.addr()))
             .collect();
-        let toml = format!(
-            r#"
-[listener]
-addr = "127.0.0.1:0"
-tls_cert_file = "idgate.pem"
-tls_key_file = "idgate-key.pem"
-handshake_timeout = "10s"
-
-[[issuers]]
-name = "test-idp"
-authority = "{authority}"
-tenants = ["{TENANT}"]
-audiences = ["api://idgate", "{APP_GUID}"]
-required_scopes = ["jdbc_login"]
-required_app_roles = ["Gateway.Connect"]
-jwks_refetch_floor = "1s"
-
-[identity.groups]
-"{ANALYSTS_GROUP}" = "analysts"
-
-[[pools]]
-name = "main"
-targets = [{targets}]
-
-[audit]
-file_path = "audit.jsonl"
-"#,
-            authority = idp.authority(),
-            targets = targets.join(", "),
-        );
+        let mut pools = opts.pools_toml.clone().unwrap_or_else(|| {
+            format!(
+                "[[pools]]\nname = \"main\"\ntargets = [{}]\n",
+                targets.join(", ")
+            )
+        });
+        for (i, c) in clusters.iter().enumerate() {
+            pools = pools.replace(&format!("{{c{i}}}"), &c.addr().to_string());
+        }
+        let toml = config_toml(&idp.authority(), &pools, &opts.extra_toml);
+        let config_path = dir.path().join("idgate.toml");
+        std::fs::write(&config_path, &toml).unwrap();
         let mut config = Config::from_toml(&toml, "test", dir.path(), &HashMap::new())
             .unwrap_or_else(|e| panic!("{e}"));
         let env0 = Env0 {
@@ -196,13 +209,38 @@ file_path = "audit.jsonl"
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (admin, admin_url) = if opts.admin {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", l.local_addr().unwrap());
+            (Some(l), Some(url))
+        } else {
+            (None, None)
+        };
         let shutdown = CancellationToken::new();
         let audit_path = config
             .audit
             .file_path
             .clone()
             .unwrap_or_else(|| dir.path().join("audit.jsonl"));
-        let gateway = tokio::spawn(idgate::run(listener, config.clone(), shutdown.clone()));
+        let path = config_path.clone();
+        let base = dir.path().to_path_buf();
+        let loader: idgate::ConfigLoader = Arc::new(move || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            Config::from_toml(&text, "idgate.toml", &base, &HashMap::new())
+        });
+        let options = idgate::RunOptions {
+            loader: Some(loader),
+            ..Default::default()
+        };
+        let gateway = tokio::spawn(idgate::run_with(
+            idgate::Listeners {
+                client: listener,
+                admin,
+            },
+            config.clone(),
+            options,
+            shutdown.clone(),
+        ));
         Env {
             dir,
             idp,
@@ -212,6 +250,8 @@ file_path = "audit.jsonl"
             addr,
             audit_path,
             config,
+            admin_url,
+            config_path,
             shutdown,
             gateway: Some(gateway),
             idp_cancel,
@@ -243,6 +283,53 @@ file_path = "audit.jsonl"
     }
 
     /// Stop the gateway and wait until the audit trail is flushed.
+    /// Begin shutdown without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait for the gateway to finish (after [`Env::begin_shutdown`]).
+    pub async fn wait_gateway(&mut self) {
+        if let Some(handle) = self.gateway.take() {
+            tokio::time::timeout(Duration::from_secs(60), handle)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// GET or POST on the admin API; returns (status, body).
+    pub async fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        let url = format!(
+            "{}{path}",
+            self.admin_url.as_ref().expect("admin listener not started")
+        );
+        let client = reqwest::Client::new();
+        let req = if method == "POST" {
+            client.post(url)
+        } else {
+            client.get(url)
+        };
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+
+    /// Which cluster answers a session (the `whoami` marker table).
+    pub async fn whoami(client: &tokio_postgres::Client) -> String {
+        let rows = client
+            .simple_query("SELECT name FROM whoami")
+            .await
+            .unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    }
+
     pub async fn stop_gateway(&mut self) {
         self.shutdown.cancel();
         if let Some(handle) = self.gateway.take() {
@@ -338,6 +425,38 @@ file_path = "audit.jsonl"
         });
         Ok(client)
     }
+}
+
+/// The generated configuration: listener, issuer, identity, `pools`, audit, then `extra`.
+pub fn config_toml(authority: &str, pools: &str, extra: &str) -> String {
+    format!(
+        r#"
+[listener]
+addr = "127.0.0.1:0"
+tls_cert_file = "idgate.pem"
+tls_key_file = "idgate-key.pem"
+handshake_timeout = "10s"
+
+[[issuers]]
+name = "test-idp"
+authority = "{authority}"
+tenants = ["{TENANT}"]
+audiences = ["api://idgate", "{APP_GUID}"]
+required_scopes = ["jdbc_login"]
+required_app_roles = ["Gateway.Connect"]
+jwks_refetch_floor = "1s"
+
+[identity.groups]
+"{ANALYSTS_GROUP}" = "analysts"
+
+{pools}
+
+[audit]
+file_path = "audit.jsonl"
+
+{extra}
+"#
+    )
 }
 
 async fn start_cluster_named(name: String, hba: Vec<String>) -> PgCluster {

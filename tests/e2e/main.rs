@@ -10,6 +10,7 @@ mod clients;
 mod config_files;
 mod dev_command;
 mod jwks;
+mod pools;
 mod protocol;
 mod raw;
 mod refusals;
