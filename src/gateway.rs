@@ -366,7 +366,8 @@ pub async fn run_with(
                 Ok((tcp, peer)) => {
                     let gw = gw.clone();
                     let token = session_token.clone();
-                    sessions.spawn(session::handle_client(gw, tcp, peer, token));
+                    let span = tracing::info_span!("session", peer = %peer);
+                    sessions.spawn(tracing::Instrument::instrument(session::handle_client(gw, tcp, peer, token), span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

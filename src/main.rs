@@ -54,9 +54,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `serve` loads its configuration and installs tracing before the runtime starts: the OTLP
+    // exporter's blocking HTTP client must be created and dropped outside async code.
+    if let Command::Serve { config } = &cli.command {
+        let loaded = match Config::load(config, &env_map()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprint!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        let provider = init_tracing_with_otlp(
+            loaded.telemetry.log_format,
+            &loaded.telemetry.log_level,
+            loaded.telemetry.otlp_endpoint.as_deref(),
+        );
+        let result = runtime.block_on(serve(config.clone(), loaded));
+        drop(runtime);
+        if let Some(provider) = provider {
+            let _ = provider.shutdown();
+        }
+        return match result {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("idgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve { config } => serve(config).await,
+            Command::Serve { .. } => Ok(ExitCode::SUCCESS),
             Command::CheckConfig { file } => check_config(file),
             Command::DevIdp(args) => dev::dev_idp(args).await,
             Command::Dev(args) => dev::dev(args).await,
@@ -97,26 +125,67 @@ fn check_config(file: PathBuf) -> anyhow::Result<ExitCode> {
 
 /// Install the tracing subscriber (`RUST_LOG` overrides the configured level).
 pub(crate) fn init_tracing(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    let _ = init_tracing_with_otlp(format, level, None);
 }
 
-async fn serve(path: PathBuf) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(&path, &env_map()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprint!("{e}");
-            return Ok(ExitCode::from(2));
-        }
+/// Install the tracing subscriber, with an OTLP/HTTP trace exporter when `otlp_endpoint` is set:
+/// one span per session with its phases (handshake, token_exchange, authenticate, backend_login,
+/// relay) as child spans. An unreachable collector only costs dropped spans.
+fn init_tracing_with_otlp(
+    format: LogFormat,
+    level: &str,
+    otlp_endpoint: Option<&str>,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
+
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
-    init_tracing(config.telemetry.log_format, &config.telemetry.log_level);
+    let provider = otlp_endpoint.and_then(|endpoint| {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            .with_timeout(std::time::Duration::from_secs(5))
+            .build();
+        match exporter {
+            Ok(exporter) => Some(
+                opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name("idgate")
+                            .build(),
+                    )
+                    .build(),
+            ),
+            Err(e) => {
+                eprintln!("idgate: OTLP exporter disabled: {e}");
+                None
+            }
+        }
+    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("idgate")));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    provider
+}
+
+async fn serve(path: PathBuf, config: Config) -> anyhow::Result<ExitCode> {
     let client = tokio::net::TcpListener::bind(config.listener.addr)
         .await
         .with_context(|| format!("cannot listen on {}", config.listener.addr))?;

@@ -13,6 +13,7 @@ use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     audit::EventKind,
@@ -164,7 +165,8 @@ pub async fn handle_client(
             peer,
             snap.tls.as_ref(),
             snap.config.listener.allow_plaintext,
-        ),
+        )
+        .instrument(tracing::info_span!("handshake")),
     )
     .await;
     let handshake = match handshake {
@@ -309,7 +311,10 @@ async fn session(
     handshake::negotiation_replies(&startup, &mut pending);
     let token = tokio::time::timeout(
         snap.config.listener.handshake_timeout,
-        handshake::read_token(stream, carriage, pending),
+        handshake::read_token(stream, carriage, pending).instrument(tracing::info_span!(
+            "token_exchange",
+            method = carriage.as_str()
+        )),
     )
     .await
     .map_err(|_| SessionError::HandshakeTimeout)??;
@@ -317,7 +322,11 @@ async fn session(
         .handshake_seconds
         .observe(accepted_at.elapsed().as_secs_f64());
 
-    let claims = snap.auth.verify(token.expose()).await;
+    let claims = snap
+        .auth
+        .verify(token.expose())
+        .instrument(tracing::info_span!("authenticate"))
+        .await;
     drop(token);
     let claims = claims?;
     ctx.facts.issuer = Some(claims.issuer_name().to_owned());
@@ -370,6 +379,7 @@ async fn session(
     ctx.facts.route_forced = forced;
     let fall = config.health.fall;
     let login_started = std::time::Instant::now();
+    let login_span = tracing::info_span!("backend_login", pool = %pool.config.name);
     let (backend, target) = backend::connect(
         pool,
         &candidates,
@@ -390,6 +400,7 @@ async fn session(
             }
         },
     )
+    .instrument(login_span)
     .await?;
     gw.metrics
         .backend_login_seconds
@@ -456,7 +467,10 @@ async fn run_relay(
         _active,
     } = *logged_in;
     let counters = ctx.counters.clone();
-    let end = match relay(client, backend.stream, &counters, shutdown).await {
+    let end = match relay(client, backend.stream, &counters, shutdown)
+        .instrument(tracing::info_span!("relay"))
+        .await
+    {
         Ok(()) => "closed".to_owned(),
         Err(RelayError::Client(e)) => format!("client_error: {}", e.kind()),
         Err(RelayError::Backend(e)) => format!("backend_error: {}", e.kind()),

@@ -14,3 +14,4 @@ mod pools;
 mod protocol;
 mod raw;
 mod refusals;
+mod telemetry;

@@ -1,0 +1,128 @@
+//! OpenTelemetry: one span per session with its phases as child spans, exported over OTLP/HTTP to
+//! a real local receiver; an absent collector breaks nothing.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::harness::{Env, EnvOptions, ALICE};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Run `idgate serve` with `otlp_endpoint`, log in once, stop it; returns whether the login worked.
+async fn serve_once(env: &Env, endpoint: &str) -> bool {
+    let port = free_port();
+    let text = std::fs::read_to_string(&env.config_path).unwrap().replace(
+        "addr = \"127.0.0.1:0\"",
+        &format!("addr = \"127.0.0.1:{port}\""),
+    ) + &format!(
+        "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n[shutdown]\ngrace_period = \"1s\"\n"
+    );
+    let path = env.dir.path().join(format!("otel-{port}.toml"));
+    std::fs::write(&path, text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idgate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("localhost")
+            .port(port)
+            .dbname("dev")
+            .user(ALICE)
+            .password(env.token(ALICE));
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*env.client_tls(false)).clone());
+        if let Ok((client, conn)) = cfg.connect(tls).await {
+            tokio::spawn(conn);
+            ok = client.simple_query("SELECT 1").await.is_ok();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_exported_as_spans_over_otlp() {
+    let env = Env::with(EnvOptions::default()).await;
+    // A real HTTP receiver for OTLP/HTTP protobuf.
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let store = bodies.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let store = store.clone();
+            async move {
+                store.lock().unwrap().push(body.to_vec());
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    assert!(
+        serve_once(&env, &endpoint).await,
+        "login through idgate with OTLP on"
+    );
+    let all: Vec<u8> = bodies.lock().unwrap().concat();
+    assert!(!all.is_empty(), "no OTLP export reached the receiver");
+    for span in [
+        "session",
+        "handshake",
+        "token_exchange",
+        "authenticate",
+        "backend_login",
+        "relay",
+    ] {
+        assert!(
+            all.windows(span.len()).any(|w| w == span.as_bytes()),
+            "span {span} not exported"
+        );
+    }
+    assert!(
+        all.windows(6).any(|w| w == b"idgate"),
+        "service.name idgate"
+    );
+    // No token in the exported spans.
+    let token = env.token(ALICE);
+    let sig = token.rsplit('.').next().unwrap();
+    assert!(!all.windows(sig.len()).any(|w| w == sig.as_bytes()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absent_collector_breaks_nothing() {
+    let env = Env::with(EnvOptions::default()).await;
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    assert!(
+        serve_once(&env, &endpoint).await,
+        "login through idgate with an unreachable collector"
+    );
+}
