@@ -39,6 +39,9 @@ pub enum EventKind {
     SessionEnded,
     /// A CancelRequest was forwarded to a backend.
     CancelForwarded,
+    /// JIT provisioning changed the login role or its namespace role memberships; `detail`
+    /// lists what was created, granted, revoked or refused.
+    RolesProvisioned,
 }
 
 /// One audit record. Optional fields are left out of the JSON when unknown.

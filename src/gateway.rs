@@ -71,6 +71,9 @@ pub async fn run(
         .as_ref()
         .map(tls::server_config)
         .transpose()?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let auth = Authenticator::new(config.issuers.clone())?;
     let pools = config
         .pools

@@ -3,6 +3,15 @@
 //!
 //! Targets are tried round-robin; a target that cannot be reached (refused, timed out) or that
 //! refuses the login with a retryable SQLSTATE is skipped before the client sees anything.
+//!
+//! How idgate proves who it logs in as (`backend_auth`) is per pool: a client certificate minted
+//! per user ([`client_cert`]), the client's own token (token as password, or the Redshift native
+//! IdP exchange in [`redshift`]), a password, or trust. With `provisioning = "jit"` the login
+//! role and its namespace role memberships are brought in step first ([`provision`]).
+
+pub mod client_cert;
+pub mod provision;
+pub mod redshift;
 
 use std::{
     borrow::Cow,
@@ -25,7 +34,7 @@ use tokio::{
 use tokio_util::either::Either;
 
 use crate::{
-    config::{BackendAuth, BackendTls, PoolConfig, TargetConfig},
+    config::{BackendAuth, BackendTls, PoolConfig, PoolKind, TargetConfig},
     error::{sqlstate, ErrorKind, Reportable, UserFacing},
     net::{stream::BackendStream, tls},
     protocol::{
@@ -46,6 +55,19 @@ pub struct Pool {
     pub config: PoolConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     cursor: AtomicUsize,
+    /// Client certificates (`backend_auth = "client_cert"`).
+    pub client_certs: Option<client_cert::ClientCertIssuer>,
+    provisioner: Option<provision::Provisioner>,
+}
+
+/// Who to log in as, and the client's token while it is still needed (`backend_auth = "token"`).
+pub struct Login<'a> {
+    /// The mapped database user.
+    pub user: &'a str,
+    /// The mapped roles (`<namespace>:<role>`), for JIT provisioning.
+    pub roles: &'a [String],
+    /// The client's token; kept only until the backend login completes.
+    pub token: Option<&'a Secret<String>>,
 }
 
 impl Pool {
@@ -58,10 +80,24 @@ impl Pool {
                 Some(tls::backend_client_config(true, ca_pem.as_deref())?)
             }
         };
+        let client_certs = match &config.backend_auth {
+            BackendAuth::ClientCert { ca, lifetime } => Some(client_cert::ClientCertIssuer::new(
+                ca.clone(),
+                *lifetime,
+                &config.backend_tls,
+            )),
+            BackendAuth::Trust | BackendAuth::Password { .. } | BackendAuth::Token => None,
+        };
+        let provisioner = config
+            .provisioning
+            .clone()
+            .map(provision::Provisioner::new);
         Ok(Self {
             config,
             tls,
             cursor: AtomicUsize::new(0),
+            client_certs,
+            provisioner,
         })
     }
 
@@ -90,6 +126,8 @@ pub struct BackendConnection {
     pub target: TargetConfig,
     /// The role the session runs as.
     pub login_user: String,
+    /// What JIT provisioning changed before this login (empty when nothing changed).
+    pub provisioned: provision::RoleChanges,
 }
 
 /// A failed backend connect or login.
@@ -162,6 +200,28 @@ pub enum ConnectError {
         /// Pool name.
         pool: String,
     },
+    /// No client certificate could be minted.
+    #[error("client certificate for {addr}: {source}")]
+    ClientCert {
+        /// Target.
+        addr: String,
+        /// Cause.
+        source: client_cert::ClientCertError,
+    },
+    /// `backend_auth = "token"` but the client's token was not kept for the login.
+    #[error("{addr}: no client token to forward")]
+    NoToken {
+        /// Target.
+        addr: String,
+    },
+    /// JIT provisioning failed.
+    #[error("provisioning on {addr}: {source}")]
+    Provision {
+        /// Target.
+        addr: String,
+        /// Cause.
+        source: provision::ProvisionError,
+    },
 }
 
 impl ConnectError {
@@ -172,11 +232,14 @@ impl ConnectError {
             ConnectError::Refused { fields, .. } => {
                 matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
             }
+            ConnectError::Provision { source, .. } => source.could_retry(),
             ConnectError::TlsRefused { .. }
             | ConnectError::Tls { .. }
             | ConnectError::UnsupportedAuth { .. }
             | ConnectError::Protocol { .. }
-            | ConnectError::NoTarget { .. } => false,
+            | ConnectError::NoTarget { .. }
+            | ConnectError::ClientCert { .. }
+            | ConnectError::NoToken { .. } => false,
         }
     }
 }
@@ -190,8 +253,10 @@ impl Reportable for ConnectError {
             | ConnectError::Tls { .. }
             | ConnectError::NoTarget { .. }
             | ConnectError::Protocol { .. } => ErrorKind::BackendUnavailable,
-            ConnectError::Refused { .. } => ErrorKind::Backend,
-            ConnectError::UnsupportedAuth { .. } => ErrorKind::Internal,
+            ConnectError::Refused { .. } | ConnectError::Provision { .. } => ErrorKind::Backend,
+            ConnectError::UnsupportedAuth { .. }
+            | ConnectError::ClientCert { .. }
+            | ConnectError::NoToken { .. } => ErrorKind::Internal,
         }
     }
 
@@ -207,6 +272,9 @@ impl Reportable for ConnectError {
             ConnectError::UnsupportedAuth { .. } => "backend_auth_unsupported".into(),
             ConnectError::Protocol { .. } => "backend_protocol_error".into(),
             ConnectError::NoTarget { .. } => "no_target_available".into(),
+            ConnectError::ClientCert { .. } => "client_cert_failed".into(),
+            ConnectError::NoToken { .. } => "backend_token_missing".into(),
+            ConnectError::Provision { source, .. } => source.reason(),
         }
     }
 }
@@ -222,7 +290,10 @@ impl UserFacing for ConnectError {
             | ConnectError::NoTarget { .. } => sqlstate::CONNECTION_FAILURE,
             // The backend's own message is forwarded raw; this code is only a fallback.
             ConnectError::Refused { .. } => sqlstate::INVALID_PASSWORD,
-            ConnectError::UnsupportedAuth { .. } => sqlstate::INTERNAL,
+            ConnectError::UnsupportedAuth { .. }
+            | ConnectError::ClientCert { .. }
+            | ConnectError::NoToken { .. } => sqlstate::INTERNAL,
+            ConnectError::Provision { .. } => sqlstate::CONNECTION_FAILURE,
         }
     }
 
@@ -240,6 +311,12 @@ impl UserFacing for ConnectError {
                 "the database asked for a login method idgate is not configured for; ask the operator to check backend_auth"
                     .into()
             }
+            ConnectError::ClientCert { .. } | ConnectError::NoToken { .. } => {
+                "idgate could not prepare its login to the database; ask the operator to check backend_auth and [ca]".into()
+            }
+            ConnectError::Provision { .. } => {
+                "idgate could not prepare your database role; try again shortly or ask the operator to check provisioning".into()
+            }
         }
     }
 }
@@ -248,7 +325,7 @@ impl UserFacing for ConnectError {
 /// Retryable failures move on to the next target; the first non-retryable failure is returned.
 pub async fn connect(
     pool: &Pool,
-    user: &str,
+    user: &Login<'_>,
     params: &[(String, String)],
     mut on_retry: impl FnMut(&TargetConfig, &ConnectError),
 ) -> Result<BackendConnection, ConnectError> {
@@ -271,11 +348,30 @@ pub async fn connect(
 async fn connect_target(
     pool: &Pool,
     target: &TargetConfig,
-    user: &str,
+    user: &Login<'_>,
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
     let cfg = &pool.config;
+    let provisioned = match &pool.provisioner {
+        Some(p) => p
+            .ensure(pool, target, user.user, user.roles)
+            .await
+            .map_err(|source| ConnectError::Provision {
+                addr: addr.clone(),
+                source,
+            })?,
+        None => provision::RoleChanges::default(),
+    };
+    let client_tls = match &pool.client_certs {
+        Some(issuer) => Some(issuer.for_user(user.user).await.map_err(|source| {
+            ConnectError::ClientCert {
+                addr: addr.clone(),
+                source,
+            }
+        })?),
+        None => None,
+    };
     let tcp = match tokio::time::timeout(
         cfg.connect_timeout,
         TcpStream::connect((target.host.as_str(), target.port)),
@@ -293,8 +389,11 @@ async fn connect_target(
     };
     let _ = tcp.set_nodelay(true);
     let login = async {
-        let stream = negotiate_tls(pool, target, tcp).await?;
-        login(stream, cfg, target, user, params).await
+        let tls = client_tls.as_ref().map(|c| &c.tls);
+        let stream = negotiate_tls(pool, target, tcp, tls).await?;
+        let mut conn = login(stream, cfg, target, user, params).await?;
+        conn.provisioned = provisioned;
+        Ok(conn)
     };
     match tokio::time::timeout(cfg.login_timeout, login).await {
         Ok(result) => result,
@@ -309,8 +408,9 @@ async fn negotiate_tls(
     pool: &Pool,
     target: &TargetConfig,
     mut tcp: TcpStream,
+    client_tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<BackendStream, ConnectError> {
-    let Some(config) = &pool.tls else {
+    let Some(config) = client_tls.or(pool.tls.as_ref()) else {
         return Ok(Either::Left(tcp));
     };
     let addr = target.addr.clone();
@@ -341,16 +441,25 @@ async fn login(
     mut stream: BackendStream,
     cfg: &PoolConfig,
     target: &TargetConfig,
-    user: &str,
+    login: &Login<'_>,
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
+    let user = login.user;
     let proto = |message: String| ConnectError::Protocol {
         addr: target.addr.clone(),
         message: message.into(),
     };
+    let redshift_idp = matches!(
+        (&cfg.backend_auth, cfg.kind),
+        (BackendAuth::Token, PoolKind::Redshift)
+    );
     let (login_user, password): (&str, Option<&Secret<String>>) = match &cfg.backend_auth {
-        BackendAuth::Trust => (user, None),
+        BackendAuth::Trust | BackendAuth::ClientCert { .. } => (user, None),
+        BackendAuth::Token => match login.token {
+            Some(token) => (user, Some(token)),
+            None => return Err(ConnectError::NoToken { addr }),
+        },
         BackendAuth::Password {
             user: Some(fixed),
             password,
@@ -360,14 +469,16 @@ async fn login(
             password,
         } => (user, Some(password)),
     };
-    let mode = match &cfg.backend_auth {
-        BackendAuth::Trust => "trust",
-        BackendAuth::Password { .. } => "password",
-    };
+    let mode = cfg.backend_auth.mode();
     let mut buf = BytesMut::new();
-    let startup = std::iter::once(("user", login_user))
-        .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    frontend::startup_message(startup, &mut buf).map_err(|e| proto(e.to_string()))?;
+    if redshift_idp {
+        frontend::startup_message(redshift::startup_pairs(params), &mut buf)
+    } else {
+        let startup = std::iter::once(("user", login_user))
+            .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        frontend::startup_message(startup, &mut buf)
+    }
+    .map_err(|e| proto(e.to_string()))?;
     stream
         .write_all(&buf)
         .await
@@ -394,6 +505,7 @@ async fn login(
                 let mut out = BytesMut::new();
                 match (code, password) {
                     (0, _) => continue,
+                    (14, Some(token)) if redshift_idp => redshift::idp_token_message(token, &mut out),
                     (3, Some(pw)) => frontend::password_message(pw.expose().as_bytes(), &mut out)
                         .map_err(|e| proto(e.to_string()))?,
                     (5, Some(pw)) => {
@@ -471,6 +583,7 @@ async fn login(
                     key,
                     target: target.clone(),
                     login_user: login_user.to_owned(),
+                    provisioned: provision::RoleChanges::default(),
                 })
             }
             other => {

@@ -18,6 +18,7 @@ use crate::{
     audit::EventKind,
     auth::TokenError,
     backend::{self, plain_server_version, ConnectError},
+    config::{BackendAuth, PoolKind},
     cancel::CancelTarget,
     error::{sqlstate, ErrorKind, Reportable, UserFacing},
     gateway::Gateway,
@@ -241,7 +242,15 @@ async fn session(
     .map_err(|_| SessionError::HandshakeTimeout)??;
 
     let claims = gw.auth.verify(token.expose()).await;
-    drop(token);
+    // The token is kept only when the pool forwards it, and only until the backend login.
+    let pool = gw.default_pool();
+    let token = match pool.config.backend_auth {
+        BackendAuth::Token => Some(token),
+        BackendAuth::Trust | BackendAuth::Password { .. } | BackendAuth::ClientCert { .. } => {
+            drop(token);
+            None
+        }
+    };
     let claims = claims?;
     ctx.facts.issuer = Some(claims.issuer_name().to_owned());
     ctx.facts.tenant = Some(claims.tenant_id().to_owned());
@@ -252,19 +261,33 @@ async fn session(
     ctx.facts.db_user = Some(identity.db_user.clone());
     ctx.facts.roles = identity.roles.clone();
 
-    let pool = gw.default_pool();
     ctx.facts.pool = Some(pool.config.name.clone());
     let backend_params = params::backend_params(params, pool.config.kind)?;
     ctx.emit(EventKind::AuthSucceeded, None, None);
 
-    let backend = backend::connect(pool, &identity.db_user, &backend_params, |target, e| {
+    let login = backend::Login {
+        user: &identity.db_user,
+        roles: &identity.roles,
+        token: token.as_ref(),
+    };
+    let backend = backend::connect(pool, &login, &backend_params, |target, e| {
         ctx.emit(
             EventKind::BackendLoginFailed,
             Some(e.reason().into_owned()),
             Some(format!("{}: {e}; trying the next target", target.addr)),
         );
     })
-    .await?;
+    .await;
+    drop(token);
+    let backend = backend?;
+    if !backend.provisioned.is_empty() {
+        ctx.facts.target = Some(backend.target.addr.clone());
+        ctx.emit(
+            EventKind::RolesProvisioned,
+            None,
+            Some(backend.provisioned.to_string()),
+        );
+    }
     ctx.facts.target = Some(backend.target.addr.clone());
     if backend.login_user != identity.db_user {
         ctx.facts.db_user = Some(backend.login_user.clone());
@@ -275,7 +298,8 @@ async fn session(
     let mut out = Vec::with_capacity(512);
     messages::authentication(&mut out, messages::AUTH_OK);
     for (name, value) in &backend.params {
-        let value = if name == "server_version" {
+        // In front of stock PostgreSQL only: a Redshift workgroup's value goes through as is.
+        let value = if name == "server_version" && pool.config.kind == PoolKind::Postgres {
             plain_server_version(value)
         } else {
             value.as_str()
