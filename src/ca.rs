@@ -107,7 +107,9 @@ impl IdgateCa {
             .map_err(|e| CaError::Key(format!("not a PEM PKCS#8 key rcgen can use: {e}")))?;
         let spki = &cert.tbs_certificate.subject_public_key_info;
         if spki.subject_public_key.raw_bytes() != key.public_key_raw() {
-            return Err(CaError::Key("the key does not belong to the certificate".into()));
+            return Err(CaError::Key(
+                "the key does not belong to the certificate".into(),
+            ));
         }
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
             .map_err(|e| CaError::Certificate(e.to_string()))?;

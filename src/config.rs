@@ -1134,10 +1134,7 @@ impl Validator<'_> {
                     &raw.client_cert_lifetime,
                 );
                 if lifetime < std::time::Duration::from_secs(1) {
-                    self.issue(
-                        format!("{p}.client_cert_lifetime"),
-                        "must be at least 1s",
-                    );
+                    self.issue(format!("{p}.client_cert_lifetime"), "must be at least 1s");
                 }
                 match ca {
                     Some(ca) => Some(BackendAuth::ClientCert {

@@ -80,18 +80,14 @@ impl Pool {
                 Some(tls::backend_client_config(true, ca_pem.as_deref())?)
             }
         };
-        let client_certs = match &config.backend_auth {
-            BackendAuth::ClientCert { ca, lifetime } => Some(client_cert::ClientCertIssuer::new(
-                ca.clone(),
-                *lifetime,
-                &config.backend_tls,
-            )),
-            BackendAuth::Trust | BackendAuth::Password { .. } | BackendAuth::Token => None,
-        };
-        let provisioner = config
-            .provisioning
-            .clone()
-            .map(provision::Provisioner::new);
+        let client_certs =
+            match &config.backend_auth {
+                BackendAuth::ClientCert { ca, lifetime } => Some(
+                    client_cert::ClientCertIssuer::new(ca.clone(), *lifetime, &config.backend_tls),
+                ),
+                BackendAuth::Trust | BackendAuth::Password { .. } | BackendAuth::Token => None,
+            };
+        let provisioner = config.provisioning.clone().map(provision::Provisioner::new);
         Ok(Self {
             config,
             tls,
@@ -363,15 +359,16 @@ async fn connect_target(
             })?,
         None => provision::RoleChanges::default(),
     };
-    let client_tls = match &pool.client_certs {
-        Some(issuer) => Some(issuer.for_user(user.user).await.map_err(|source| {
-            ConnectError::ClientCert {
-                addr: addr.clone(),
-                source,
-            }
-        })?),
-        None => None,
-    };
+    let client_tls =
+        match &pool.client_certs {
+            Some(issuer) => Some(issuer.for_user(user.user).await.map_err(|source| {
+                ConnectError::ClientCert {
+                    addr: addr.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let tcp = match tokio::time::timeout(
         cfg.connect_timeout,
         TcpStream::connect((target.host.as_str(), target.port)),
@@ -505,7 +502,9 @@ async fn login(
                 let mut out = BytesMut::new();
                 match (code, password) {
                     (0, _) => continue,
-                    (14, Some(token)) if redshift_idp => redshift::idp_token_message(token, &mut out),
+                    (14, Some(token)) if redshift_idp => {
+                        redshift::idp_token_message(token, &mut out)
+                    }
                     (3, Some(pw)) => frontend::password_message(pw.expose().as_bytes(), &mut out)
                         .map_err(|e| proto(e.to_string()))?,
                     (5, Some(pw)) => {

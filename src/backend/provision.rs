@@ -67,7 +67,10 @@ impl fmt::Display for RoleChanges {
             ("created roles", &self.created_roles),
             ("granted", &self.granted),
             ("revoked", &self.revoked),
-            ("not granted (login, superuser or createrole role)", &self.refused),
+            (
+                "not granted (login, superuser or createrole role)",
+                &self.refused,
+            ),
         ] {
             if !list.is_empty() {
                 parts.push(format!("{label} {list:?}"));
@@ -234,17 +237,14 @@ impl Provisioner {
         let _ = tcp.set_nodelay(true);
         // Without an admin password a client_cert pool presents a certificate for admin_user.
         let cert = match (&self.config.admin_password, &pool.client_certs) {
-            (None, Some(issuer)) => Some(
-                issuer
-                    .for_user(&self.config.admin_user)
-                    .await
-                    .map_err(|source| {
-                        connect_err(super::ConnectError::ClientCert {
-                            addr: target.addr.clone(),
-                            source,
-                        })
-                    })?,
-            ),
+            (None, Some(issuer)) => Some(issuer.for_user(&self.config.admin_user).await.map_err(
+                |source| {
+                    connect_err(super::ConnectError::ClientCert {
+                        addr: target.addr.clone(),
+                        source,
+                    })
+                },
+            )?),
             _ => None,
         };
         let stream = super::negotiate_tls(pool, target, tcp, cert.as_ref().map(|c| &c.tls))
