@@ -1368,6 +1368,56 @@ targets = [{ addr = "127.0.0.1:5432" }]
     }
 
     #[test]
+    fn backend_auth_modes_defaults_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::ca::IdgateCa::write_new(dir.path(), "test CA").unwrap();
+        let base = MINIMAL.replace(
+            "[[pools]]",
+            "[ca]\ncert_file = \"ca.pem\"\nkey_file = \"ca-key.pem\"\n\n[[pools]]",
+        );
+        let good = format!(
+            "{base}backend_auth = \"client_cert\"\nclient_cert_lifetime = \"10m\"\nprovisioning = \"jit\"\nadmin_user = \"idgate_admin\"\n\n[[pools]]\nname = \"rs\"\nkind = \"redshift\"\nbackend_auth = \"token\"\ntargets = [{{ addr = \"wg.example:5439\" }}]\n"
+        );
+        let c = Config::from_toml(&good, "t", dir.path(), &HashMap::new()).unwrap();
+        assert!(matches!(
+            c.pools[0].backend_auth,
+            BackendAuth::ClientCert { lifetime, .. } if lifetime == Duration::from_secs(600)
+        ));
+        assert!(matches!(
+            c.pools[0].backend_tls,
+            BackendTls::VerifyFull { .. }
+        ));
+        let jit = c.pools[0].provisioning.as_ref().unwrap();
+        assert!(jit.admin_password.is_none());
+        assert_eq!(jit.namespace, "aad");
+        assert!(matches!(c.pools[1].backend_auth, BackendAuth::Token));
+        assert!(matches!(
+            c.pools[1].backend_tls,
+            BackendTls::VerifyFull { .. }
+        ));
+        assert!(c.warnings().is_empty());
+
+        let trust = Config::from_toml(MINIMAL, "t", Path::new("."), &HashMap::new()).unwrap();
+        assert!(matches!(trust.pools[0].backend_tls, BackendTls::Disable));
+        assert!(trust.warnings()[0].contains("trust"));
+
+        let bad = format!(
+            "{}backend_auth = \"token\"\nbackend_tls = \"disable\"\nprovisioning = \"jit\"\n\n[[pools]]\nname = \"rs\"\nkind = \"redshift\"\ntargets = [{{ addr = \"wg.example:5439\" }}]\n\n[[pools]]\nname = \"cc\"\nbackend_auth = \"client_cert\"\ntargets = [{{ addr = \"db:5432\" }}]\n",
+            MINIMAL
+        );
+        let err = Config::from_toml(&bad, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in [
+            "pools[0].backend_tls",
+            "pools[0].admin_user",
+            "pools[1].backend_auth",
+            "pools[2].backend_auth",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let bad = r#"
 [listener]
