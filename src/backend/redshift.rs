@@ -13,26 +13,17 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::types::Secret;
+use crate::{session::params::NEVER_FORWARD, types::Secret};
 
 /// The `idp_type` idgate announces upstream: Entra ID tokens are Redshift's `AzureAD` native IdP.
 pub const UPSTREAM_IDP_TYPE: &str = "AzureAD";
-
-/// Startup keys that are never sent upstream, whatever the client sent.
-const NEVER_UPSTREAM: &[&str] = &[
-    "user",
-    "idp_type",
-    "plugin_name",
-    "provider_name",
-    "token_type",
-    "identity_namespace",
-];
 
 /// The StartupMessage pairs for a Redshift workgroup: the forwarded parameters plus `idp_type`.
 pub fn startup_pairs(params: &[(String, String)]) -> Vec<(&str, &str)> {
     params
         .iter()
-        .filter(|(k, _)| !NEVER_UPSTREAM.contains(&k.to_ascii_lowercase().as_str()))
+        // Already filtered by backend_params; checked again so no caller can leak an IdP key.
+        .filter(|(k, _)| !NEVER_FORWARD.contains(&k.to_ascii_lowercase().as_str()))
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .chain(std::iter::once(("idp_type", UPSTREAM_IDP_TYPE)))
         .collect()

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     clients::{run_python, which},
-    harness::{read_events, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB},
+    harness::{read_events, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB, SETUP_SQL},
     raw,
 };
 
@@ -53,14 +53,6 @@ async fn cert_backend(name: &str, server_names: &[&str], setup: &str) -> CertBac
     }
 }
 
-const CERT_SETUP: &str = r#"
-CREATE ROLE "aad:alice@contoso.example" LOGIN;
-CREATE ROLE "aad:bob@contoso.example" LOGIN;
-CREATE TABLE demo (id int PRIMARY KEY, note text);
-INSERT INTO demo VALUES (1, 'one'), (2, 'two');
-GRANT SELECT ON demo TO "aad:alice@contoso.example";
-"#;
-
 fn target(host: &str, port: u16) -> TargetConfig {
     TargetConfig {
         addr: format!("{host}:{port}"),
@@ -70,36 +62,53 @@ fn target(host: &str, port: u16) -> TargetConfig {
     }
 }
 
-/// Point the one pool at `backend` with `client_cert`, verify-full against its server CA.
-fn use_cert_backend(cfg: &mut Config, backend: &CertBackend, lifetime: Duration) {
-    let pool = &mut cfg.pools[0];
-    pool.targets = vec![target("127.0.0.1", backend.cluster.port())];
-    pool.backend_auth = BackendAuth::ClientCert {
-        ca: backend.ca.clone(),
-        lifetime,
-    };
-    pool.backend_tls = BackendTls::VerifyFull {
-        ca_pem: Some(backend.server_ca_pem.clone().into_bytes()),
-    };
+/// What a `client_cert` pool needs to reach a [`CertBackend`] (owned, for a `tweak`).
+#[derive(Clone)]
+struct CertPool {
+    ca: Arc<IdgateCa>,
+    port: u16,
+    server_ca_pem: String,
+    lifetime: Duration,
+    provisioning: Option<ProvisioningConfig>,
+}
+
+impl CertPool {
+    fn new(backend: &CertBackend, lifetime: Duration) -> Self {
+        Self {
+            ca: backend.ca.clone(),
+            port: backend.cluster.port(),
+            server_ca_pem: backend.server_ca_pem.clone(),
+            lifetime,
+            provisioning: None,
+        }
+    }
+
+    /// Point the one pool at the backend with `client_cert`, verify-full against its server CA.
+    fn apply(self, cfg: &mut Config) {
+        let pool = &mut cfg.pools[0];
+        pool.targets = vec![target("127.0.0.1", self.port)];
+        pool.backend_auth = BackendAuth::ClientCert {
+            ca: self.ca,
+            lifetime: self.lifetime,
+        };
+        pool.backend_tls = BackendTls::VerifyFull {
+            ca_pem: Some(self.server_ca_pem.into_bytes()),
+        };
+        pool.provisioning = self.provisioning;
+    }
+
+    async fn env(self) -> Env {
+        Env::with(EnvOptions {
+            clusters: 0,
+            tweak: Box::new(move |cfg, _| self.apply(cfg)),
+            ..EnvOptions::default()
+        })
+        .await
+    }
 }
 
 async fn cert_env(backend: &CertBackend, lifetime: Duration) -> Env {
-    let ca = backend.ca.clone();
-    let port = backend.cluster.port();
-    let server_ca_pem = backend.server_ca_pem.clone();
-    Env::with(EnvOptions {
-        clusters: 0,
-        tweak: Box::new(move |cfg, _| {
-            let pool = &mut cfg.pools[0];
-            pool.targets = vec![target("127.0.0.1", port)];
-            pool.backend_auth = BackendAuth::ClientCert { ca, lifetime };
-            pool.backend_tls = BackendTls::VerifyFull {
-                ca_pem: Some(server_ca_pem.into_bytes()),
-            };
-        }),
-        ..EnvOptions::default()
-    })
-    .await
+    CertPool::new(backend, lifetime).env().await
 }
 
 /// Another in-process gateway (same TLS files and issuer as `env`), with its own audit file.
@@ -211,7 +220,7 @@ fn redshift_args(env: &Env, port: u16, token: &str, query: &str) -> Vec<String> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_cert_logs_in_as_the_person_and_grants_decide() {
-    let backend = cert_backend("cc-grants", &["localhost", "127.0.0.1"], CERT_SETUP).await;
+    let backend = cert_backend("cc-grants", &["localhost", "127.0.0.1"], SETUP_SQL).await;
     let env = cert_env(&backend, Duration::from_secs(3600)).await;
 
     let alice = env
@@ -291,21 +300,28 @@ async fn client_cert_logs_in_as_the_person_and_grants_decide() {
     }
 }
 
-async fn client_serial(env: &Env, user: &str) -> String {
-    let client = env.pg_connect(Some(user), &env.token(user)).await.unwrap();
-    client
-        .query_one(
-            "SELECT client_serial::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
+/// Log in to the gateway on `port` as `user` and return the first column of `sql`'s one row.
+async fn scalar_at<T>(env: &Env, port: u16, user: &str, sql: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    env.pg_connect_port(port, Some(user), &env.token(user), "dev")
+        .await
+        .unwrap()
+        .query_one(sql, &[])
         .await
         .unwrap()
         .get(0)
 }
 
+async fn client_serial(env: &Env, user: &str) -> String {
+    let sql = "SELECT client_serial::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    scalar_at(env, env.port(), user, sql).await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn client_cert_cache_mints_one_certificate_per_person() {
-    let backend = cert_backend("cc-cache", &["localhost", "127.0.0.1"], CERT_SETUP).await;
+    let backend = cert_backend("cc-cache", &["localhost", "127.0.0.1"], SETUP_SQL).await;
     let env = cert_env(&backend, Duration::from_secs(3600)).await;
     let first = client_serial(&env, ALICE).await;
     for _ in 1..100 {
@@ -317,7 +333,7 @@ async fn client_cert_cache_mints_one_certificate_per_person() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_cert_expired_certificate_is_replaced() {
-    let backend = cert_backend("cc-expiry", &["localhost", "127.0.0.1"], CERT_SETUP).await;
+    let backend = cert_backend("cc-expiry", &["localhost", "127.0.0.1"], SETUP_SQL).await;
     let env = cert_env(&backend, Duration::from_secs(3)).await;
     let first = client_serial(&env, ALICE).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -329,7 +345,7 @@ async fn client_cert_expired_certificate_is_replaced() {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_verify_full_refuses_a_backend_certificate_that_does_not_match() {
     // The server certificate names only "localhost" (no IP address).
-    let backend = cert_backend("cc-verify", &["localhost"], CERT_SETUP).await;
+    let backend = cert_backend("cc-verify", &["localhost"], SETUP_SQL).await;
     let env = cert_env(&backend, Duration::from_secs(3600)).await;
     // Wrong host name: the pool's target is 127.0.0.1.
     let err = env
@@ -344,7 +360,7 @@ async fn upstream_verify_full_refuses_a_backend_certificate_that_does_not_match(
 
     // Right name, untrusted CA.
     let mut untrusted = env.config.clone();
-    use_cert_backend(&mut untrusted, &backend, Duration::from_secs(3600));
+    CertPool::new(&backend, Duration::from_secs(3600)).apply(&mut untrusted);
     untrusted.pools[0].targets = vec![target("localhost", backend.cluster.port())];
     untrusted.pools[0].backend_tls = BackendTls::VerifyFull {
         ca_pem: Some(env.ca_pem.clone().into_bytes()),
@@ -358,14 +374,11 @@ async fn upstream_verify_full_refuses_a_backend_certificate_that_does_not_match(
 
     // Control: right name and CA.
     let mut good = env.config.clone();
-    use_cert_backend(&mut good, &backend, Duration::from_secs(3600));
+    CertPool::new(&backend, Duration::from_secs(3600)).apply(&mut good);
     good.pools[0].targets = vec![target("localhost", backend.cluster.port())];
     let gw = spawn_gateway(&env, good, "good").await;
-    let client = env
-        .pg_connect_port(gw.port, Some(ALICE), &env.token(ALICE), "dev")
-        .await
-        .unwrap();
-    client.query_one("SELECT 1", &[]).await.unwrap();
+    let one: i32 = scalar_at(&env, gw.port, ALICE, "SELECT 1").await;
+    assert_eq!(one, 1);
 }
 
 const JIT_SETUP: &str = r#"
@@ -379,32 +392,15 @@ GRANT SELECT ON sales TO "aad:analysts";
 "#;
 
 async fn jit_env(backend: &CertBackend) -> Env {
-    let ca = backend.ca.clone();
-    let port = backend.cluster.port();
-    let server_ca_pem = backend.server_ca_pem.clone();
-    Env::with(EnvOptions {
-        clusters: 0,
-        tweak: Box::new(move |cfg, _| {
-            let pool = &mut cfg.pools[0];
-            pool.targets = vec![target("127.0.0.1", port)];
-            pool.backend_auth = BackendAuth::ClientCert {
-                ca,
-                lifetime: Duration::from_secs(3600),
-            };
-            pool.backend_tls = BackendTls::VerifyFull {
-                ca_pem: Some(server_ca_pem.into_bytes()),
-            };
-            // No password: the admin logs in with a certificate, like everyone else.
-            pool.provisioning = Some(ProvisioningConfig {
-                admin_user: "idgate_admin".into(),
-                admin_password: None,
-                admin_database: "dev".into(),
-                namespace: "aad".into(),
-            });
-        }),
-        ..EnvOptions::default()
-    })
-    .await
+    let mut pool = CertPool::new(backend, Duration::from_secs(3600));
+    // No password: the admin logs in with a certificate, like everyone else.
+    pool.provisioning = Some(ProvisioningConfig {
+        admin_user: "idgate_admin".into(),
+        admin_password: None,
+        admin_database: "dev".into(),
+        namespace: "aad".into(),
+    });
+    pool.env().await
 }
 
 async fn memberships(cluster: &PgCluster, user: &str) -> Vec<String> {
@@ -562,30 +558,14 @@ async fn token_chain_redshift_pool_through_a_second_idgate() {
     }
 
     // tokio-postgres (token as password to A) also goes through; A uses code 14 upstream.
-    let client = env
-        .pg_connect_port(a.port, Some(ALICE), &env.token(ALICE), "dev")
-        .await
-        .unwrap();
-    let who: String = client
-        .query_one("SELECT session_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let who: String = scalar_at(&env, a.port, ALICE, "SELECT session_user::text").await;
     assert_eq!(who, "aad:alice@contoso.example");
 
     // A postgres pool with backend_auth = token sends the token as the password.
     let mut as_password = redshift_pool_in_front_of(&env, env.port());
     as_password.pools[0].kind = PoolKind::Postgres;
     let p = spawn_gateway(&env, as_password, "p").await;
-    let client = env
-        .pg_connect_port(p.port, Some(ALICE), &env.token(ALICE), "dev")
-        .await
-        .unwrap();
-    let n: i64 = client
-        .query_one("SELECT count(*) FROM demo", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = scalar_at(&env, p.port, ALICE, "SELECT count(*) FROM demo").await;
     assert_eq!(n, 2);
 
     // B2 accepts another audience only: it refuses the token, and A's client sees 28000.
