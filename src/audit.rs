@@ -45,6 +45,9 @@ pub enum EventKind {
     TargetDrainChanged,
     /// The configuration was reloaded, or a reload was refused (gateway-level event).
     ConfigReloaded,
+    /// JIT provisioning changed the login role or its namespace role memberships; `detail`
+    /// lists what was created, granted, revoked or refused.
+    RolesProvisioned,
 }
 
 /// One audit record. Optional fields are left out of the JSON when unknown.

@@ -73,6 +73,19 @@ pub struct RawConfig {
     pub audit: RawAudit,
     /// `[telemetry]`: logging.
     pub telemetry: RawTelemetry,
+    /// `[ca]`: idgate's own CA for `backend_auth = "client_cert"`.
+    pub ca: RawCa,
+}
+
+/// `[ca]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+pub struct RawCa {
+    /// PEM CA certificate that backends trust (`ssl_ca_file`). _Default:_ none (required for
+    /// `client_cert` pools).
+    pub cert_file: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `cert_file`. _Default:_ none.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[listener]`.
@@ -310,9 +323,9 @@ impl Default for RawShutdown {
 pub struct RawPool {
     /// Pool name. _Default:_ none (required).
     pub name: String,
-    /// `"postgres"` (or `"redshift"`, once `backend_auth = "token"` lands). _Default:_ `"postgres"`.
+    /// `"postgres"` or `"redshift"` (needs `backend_auth = "token"`). _Default:_ `"postgres"`.
     pub kind: String,
-    /// `"trust"` or `"password"`. _Default:_ `"trust"`.
+    /// `"client_cert"`, `"token"`, `"password"` or `"trust"`. _Default:_ `"trust"`.
     pub backend_auth: String,
     /// With `password`: log in as this fixed role instead of the mapped person. _Default:_ none.
     pub backend_user: Option<String>,
@@ -320,8 +333,9 @@ pub struct RawPool {
     pub backend_password_file: Option<PathBuf>,
     /// With `password`: environment variable holding the password. _Default:_ none.
     pub backend_password_env: Option<String>,
-    /// `"disable"`, `"require"` or `"verify-full"`. _Default:_ `"disable"`.
-    pub backend_tls: String,
+    /// `"disable"`, `"require"` or `"verify-full"`. _Default:_ `"verify-full"` for `client_cert`
+    /// and `token`, `"disable"` otherwise.
+    pub backend_tls: Option<String>,
     /// CA bundle for `verify-full`. _Default:_ the public web roots.
     pub backend_ca_file: Option<PathBuf>,
     /// Time allowed for TCP connect to one target. _Default:_ `"5s"`.
@@ -342,6 +356,20 @@ pub struct RawPool {
     pub retry_budget: String,
     /// Targets. _Default:_ none (required).
     pub targets: Vec<RawTarget>,
+    /// With `client_cert`: validity of a minted client certificate. _Default:_ `"1h"`.
+    pub client_cert_lifetime: String,
+    /// `"none"` or `"jit"` (create login roles, keep namespace role membership in step).
+    /// _Default:_ `"none"`.
+    pub provisioning: String,
+    /// With `jit`: the role idgate provisions as. _Default:_ none (required for `jit`).
+    pub admin_user: Option<String>,
+    /// With `jit`: file holding the admin role's password. _Default:_ none (a `client_cert` pool
+    /// logs the admin in with a certificate instead).
+    pub admin_password_file: Option<PathBuf>,
+    /// With `jit`: environment variable holding the admin role's password. _Default:_ none.
+    pub admin_password_env: Option<String>,
+    /// With `jit`: the database the admin connection opens. _Default:_ `"postgres"`.
+    pub admin_database: String,
 }
 
 impl Default for RawPool {
@@ -353,7 +381,7 @@ impl Default for RawPool {
             backend_user: None,
             backend_password_file: None,
             backend_password_env: None,
-            backend_tls: "disable".into(),
+            backend_tls: None,
             backend_ca_file: None,
             connect_timeout: "5s".into(),
             login_timeout: "10s".into(),
@@ -363,6 +391,12 @@ impl Default for RawPool {
             allowed_app_roles: Vec::new(),
             retry_budget: "15s".into(),
             targets: Vec::new(),
+            client_cert_lifetime: "1h".into(),
+            provisioning: "none".into(),
+            admin_user: None,
+            admin_password_file: None,
+            admin_password_env: None,
+            admin_database: "postgres".into(),
         }
     }
 }
@@ -606,6 +640,41 @@ pub enum BackendAuth {
         /// The password.
         password: crate::types::Secret<String>,
     },
+    /// As the mapped user over TLS with a client certificate minted by idgate's CA (CN = user).
+    ClientCert {
+        /// idgate's CA.
+        ca: std::sync::Arc<crate::ca::IdgateCa>,
+        /// Validity of one minted certificate.
+        lifetime: Duration,
+    },
+    /// With the client's own token: Redshift native IdP exchange (`redshift` pools) or token as
+    /// password (`postgres` pools).
+    Token,
+}
+
+impl BackendAuth {
+    /// The mode's configuration name.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            BackendAuth::Trust => "trust",
+            BackendAuth::Password { .. } => "password",
+            BackendAuth::ClientCert { .. } => "client_cert",
+            BackendAuth::Token => "token",
+        }
+    }
+}
+
+/// `provisioning = "jit"`: how idgate reaches the backend as its admin role.
+#[derive(Debug, Clone)]
+pub struct ProvisioningConfig {
+    /// The admin role.
+    pub admin_user: String,
+    /// Its password, or `None` to log in with a minted client certificate.
+    pub admin_password: Option<crate::types::Secret<String>>,
+    /// The database the admin connection opens.
+    pub admin_database: String,
+    /// The identity namespace (without colon); only roles `<namespace>:…` are ever touched.
+    pub namespace: String,
 }
 
 /// TLS towards the backend.
@@ -669,6 +738,8 @@ pub struct PoolConfig {
     pub retry_budget: Duration,
     /// Targets.
     pub targets: Vec<TargetConfig>,
+    /// Just-in-time role provisioning, if enabled.
+    pub provisioning: Option<ProvisioningConfig>,
 }
 
 /// One target.
@@ -714,6 +785,35 @@ pub struct TelemetryConfig {
 }
 
 impl Config {
+    /// Things an operator should know at startup: pools whose sessions do not carry the person's
+    /// identity or whose backend login is weakly protected. Logged as warnings by [`crate::run`].
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for pool in &self.pools {
+            let name = &pool.name;
+            match &pool.backend_auth {
+                BackendAuth::Password { user: Some(role), .. } => out.push(format!(
+                    "pool {name}: backend_auth = \"password\" logs every session in as the shared service role {role:?}; sessions do not carry the person's identity, so the database's GRANTs, row-level security and logs see {role:?} (development only; use client_cert or token)"
+                )),
+                BackendAuth::Trust => out.push(format!(
+                    "pool {name}: backend_auth = \"trust\" presents no credential; anyone who can reach the database from idgate's address can log in as any user (development only; use client_cert or token)"
+                )),
+                BackendAuth::Password { user: None, .. } => out.push(format!(
+                    "pool {name}: backend_auth = \"password\" shares one password among all mapped users (development only; use client_cert or token)"
+                )),
+                BackendAuth::ClientCert { .. } | BackendAuth::Token => {
+                    if matches!(pool.backend_tls, BackendTls::Require) {
+                        out.push(format!(
+                            "pool {name}: backend_tls = \"require\" does not verify the backend's certificate; the {} login can be intercepted (use verify-full)",
+                            pool.backend_auth.mode()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Load `path`, apply `IDGATE__SECTION__KEY` overrides from `env`, and validate.
     pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
@@ -876,6 +976,7 @@ impl Validator<'_> {
             .map(|(i, r)| self.issuer(i, r))
             .collect();
         let identity = self.identity(raw.identity);
+        let ca = self.ca(raw.ca);
         if raw.pools.is_empty() {
             self.issue("pools", "at least one [[pools]] entry is required");
         }
@@ -889,7 +990,7 @@ impl Validator<'_> {
                 );
             }
             names.push(r.name.clone());
-            pools.push(self.pool(i, r));
+            pools.push(self.pool(i, r, ca.as_ref(), &identity.namespace));
         }
         let default_pool = match &raw.routing.default_pool {
             None => 0,
@@ -1275,7 +1376,66 @@ impl Validator<'_> {
         }
     }
 
-    fn pool(&mut self, i: usize, raw: RawPool) -> Option<PoolConfig> {
+    fn ca(&mut self, raw: RawCa) -> Option<std::sync::Arc<crate::ca::IdgateCa>> {
+        let (cert, key) = match (raw.cert_file, raw.key_file) {
+            (Some(cert), Some(key)) => (cert, key),
+            (None, None) => return None,
+            (Some(_), None) => {
+                self.issue("ca.key_file", "ca.cert_file is set but ca.key_file is not");
+                return None;
+            }
+            (None, Some(_)) => {
+                self.issue("ca.cert_file", "ca.key_file is set but ca.cert_file is not");
+                return None;
+            }
+        };
+        let cert_pem = self.read_file("ca.cert_file", &cert)?;
+        let key_pem = self.read_file("ca.key_file", &key)?;
+        let (Ok(cert_pem), Ok(key_pem)) = (String::from_utf8(cert_pem), String::from_utf8(key_pem))
+        else {
+            self.issue("ca.cert_file", "the CA files must be PEM text");
+            return None;
+        };
+        match crate::ca::IdgateCa::from_pem(&cert_pem, &crate::types::Secret::new(key_pem)) {
+            Ok(ca) => Some(std::sync::Arc::new(ca)),
+            Err(e) => {
+                let path = match e {
+                    crate::ca::CaError::Key(_) => "ca.key_file",
+                    crate::ca::CaError::Certificate(_)
+                    | crate::ca::CaError::Issue(_)
+                    | crate::ca::CaError::Write { .. } => "ca.cert_file",
+                };
+                self.issue(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A secret from `*_file` or `*_env` (exactly one), or `None` with an issue recorded.
+    fn required_secret(
+        &mut self,
+        path: &str,
+        file: Option<&PathBuf>,
+        env: Option<&String>,
+        what: &str,
+    ) -> Option<String> {
+        if file.is_none() && env.is_none() {
+            self.issue(
+                format!("{path}_file"),
+                format!("{what} needs exactly one of {path}_file, {path}_env (never the password itself)"),
+            );
+            return None;
+        }
+        self.secret(path, file, env).map(|s| s.expose().clone())
+    }
+
+    fn pool(
+        &mut self,
+        i: usize,
+        raw: RawPool,
+        ca: Option<&std::sync::Arc<crate::ca::IdgateCa>>,
+        namespace: &str,
+    ) -> Option<PoolConfig> {
         let p = format!("pools[{i}]");
         if raw.name.is_empty() {
             self.issue(format!("{p}.name"), "every pool needs a name");
@@ -1283,10 +1443,12 @@ impl Validator<'_> {
         let kind = match raw.kind.as_str() {
             "postgres" => PoolKind::Postgres,
             "redshift" => {
-                self.issue(
-                    format!("{p}.kind"),
-                    "\"redshift\" pools need backend_auth = \"token\", which this version does not support yet",
-                );
+                if raw.backend_auth != "token" {
+                    self.issue(
+                        format!("{p}.backend_auth"),
+                        "\"redshift\" pools log in with the client's token: set backend_auth = \"token\"",
+                    );
+                }
                 PoolKind::Redshift
             }
             other => {
@@ -1300,49 +1462,103 @@ impl Validator<'_> {
         let backend_auth = match raw.backend_auth.as_str() {
             "trust" => Some(BackendAuth::Trust),
             "password" => {
-                let password = match (&raw.backend_password_file, &raw.backend_password_env) {
-                    (Some(file), None) => self
-                        .read_file(&format!("{p}.backend_password_file"), file)
-                        .and_then(|b| String::from_utf8(b).ok())
-                        .map(|s| s.trim_end_matches(['\r', '\n']).to_owned()),
-                    (None, Some(var)) => match self.env.get(var) {
-                        Some(v) => Some(v.clone()),
-                        None => {
-                            self.issue(
-                                format!("{p}.backend_password_env"),
-                                format!("environment variable {var} is not set"),
-                            );
-                            None
-                        }
-                    },
-                    _ => {
+                if raw.backend_password_file.is_none() && raw.backend_password_env.is_none() {
+                    self.issue(
+                        format!("{p}.backend_auth"),
+                        "\"password\" needs exactly one of backend_password_file, backend_password_env (never the password itself)",
+                    );
+                    None
+                } else {
+                    self.required_secret(
+                        &format!("{p}.backend_password"),
+                        raw.backend_password_file.as_ref(),
+                        raw.backend_password_env.as_ref(),
+                        "\"password\"",
+                    )
+                    .map(|pw| BackendAuth::Password {
+                        user: raw.backend_user.clone(),
+                        password: crate::types::Secret::new(pw),
+                    })
+                }
+            }
+            "client_cert" => {
+                let lifetime = self.duration(
+                    &format!("{p}.client_cert_lifetime"),
+                    &raw.client_cert_lifetime,
+                );
+                if lifetime < std::time::Duration::from_secs(1) {
+                    self.issue(format!("{p}.client_cert_lifetime"), "must be at least 1s");
+                }
+                match ca {
+                    Some(ca) => Some(BackendAuth::ClientCert {
+                        ca: ca.clone(),
+                        lifetime,
+                    }),
+                    None => {
                         self.issue(
                             format!("{p}.backend_auth"),
-                            "\"password\" needs exactly one of backend_password_file, backend_password_env (never the password itself)",
+                            "\"client_cert\" needs idgate's CA: set [ca] cert_file and key_file (idgate ca init --dir DIR creates a development pair)",
                         );
                         None
                     }
-                };
-                password.map(|pw| BackendAuth::Password {
-                    user: raw.backend_user.clone(),
-                    password: crate::types::Secret::new(pw),
-                })
+                }
             }
+            "token" => Some(BackendAuth::Token),
             other => {
                 self.issue(
                     format!("{p}.backend_auth"),
-                    format!("{other:?} is not \"trust\" or \"password\""),
+                    format!(
+                        "{other:?} is not \"client_cert\", \"token\", \"password\" or \"trust\""
+                    ),
                 );
                 None
             }
         };
+        let sends_credential = matches!(raw.backend_auth.as_str(), "client_cert" | "token");
         if raw.backend_user.is_some() && raw.backend_auth != "password" {
             self.issue(
                 format!("{p}.backend_user"),
                 "backend_user only applies to backend_auth = \"password\"",
             );
         }
-        let backend_tls = match raw.backend_tls.as_str() {
+        let tls_mode = raw.backend_tls.clone().unwrap_or_else(|| {
+            if sends_credential {
+                "verify-full".into()
+            } else {
+                "disable".into()
+            }
+        });
+        if tls_mode == "disable" && sends_credential {
+            self.issue(
+                format!("{p}.backend_tls"),
+                format!(
+                    "backend_auth = {:?} sends a token or certificate and needs TLS: use \"verify-full\" (the default) or \"require\"",
+                    raw.backend_auth
+                ),
+            );
+        }
+        let provisioning = match raw.provisioning.as_str() {
+            "none" => None,
+            "jit" => self.provisioning(&p, &raw, kind, namespace),
+            other => {
+                self.issue(
+                    format!("{p}.provisioning"),
+                    format!("{other:?} is not \"none\" or \"jit\""),
+                );
+                None
+            }
+        };
+        if raw.provisioning != "jit"
+            && (raw.admin_user.is_some()
+                || raw.admin_password_file.is_some()
+                || raw.admin_password_env.is_some())
+        {
+            self.issue(
+                format!("{p}.admin_user"),
+                "admin_user and admin_password_* only apply to provisioning = \"jit\"",
+            );
+        }
+        let backend_tls = match tls_mode.as_str() {
             "disable" => BackendTls::Disable,
             "require" => BackendTls::Require,
             "verify-full" => BackendTls::VerifyFull {
@@ -1424,6 +1640,54 @@ impl Validator<'_> {
             allowed_app_roles: raw.allowed_app_roles,
             retry_budget: self.duration(&format!("{p}.retry_budget"), &raw.retry_budget),
             targets,
+            provisioning,
+        })
+    }
+
+    fn provisioning(
+        &mut self,
+        p: &str,
+        raw: &RawPool,
+        kind: PoolKind,
+        namespace: &str,
+    ) -> Option<ProvisioningConfig> {
+        if kind == PoolKind::Redshift {
+            self.issue(
+                format!("{p}.provisioning"),
+                "Redshift creates native-IdP users and roles itself; \"jit\" is for postgres pools",
+            );
+        }
+        if namespace.is_empty() {
+            self.issue(
+                format!("{p}.provisioning"),
+                "\"jit\" only manages roles inside identity.namespace, which is empty",
+            );
+        }
+        let Some(admin_user) = raw.admin_user.clone().filter(|u| !u.is_empty()) else {
+            self.issue(
+                format!("{p}.admin_user"),
+                "provisioning = \"jit\" needs admin_user (a role with CREATEROLE, never a superuser)",
+            );
+            return None;
+        };
+        let admin_password = if raw.admin_password_file.is_none()
+            && raw.admin_password_env.is_none()
+            && raw.backend_auth == "client_cert"
+        {
+            None
+        } else {
+            Some(crate::types::Secret::new(self.required_secret(
+                &format!("{p}.admin_password"),
+                raw.admin_password_file.as_ref(),
+                raw.admin_password_env.as_ref(),
+                "provisioning = \"jit\"",
+            )?))
+        };
+        Some(ProvisioningConfig {
+            admin_user,
+            admin_password,
+            admin_database: raw.admin_database.clone(),
+            namespace: namespace.to_owned(),
         })
     }
 }
@@ -1490,6 +1754,56 @@ targets = [{ addr = "127.0.0.1:5432" }]
         )]);
         let c = Config::from_toml(MINIMAL, "t", Path::new("."), &env).unwrap();
         assert_eq!(c.listener.handshake_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn backend_auth_modes_defaults_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::ca::IdgateCa::write_new(dir.path(), "test CA").unwrap();
+        let base = MINIMAL.replace(
+            "[[pools]]",
+            "[ca]\ncert_file = \"ca.pem\"\nkey_file = \"ca-key.pem\"\n\n[[pools]]",
+        );
+        let good = format!(
+            "{base}backend_auth = \"client_cert\"\nclient_cert_lifetime = \"10m\"\nprovisioning = \"jit\"\nadmin_user = \"idgate_admin\"\n\n[[pools]]\nname = \"rs\"\nkind = \"redshift\"\nbackend_auth = \"token\"\ntargets = [{{ addr = \"wg.example:5439\" }}]\n"
+        );
+        let c = Config::from_toml(&good, "t", dir.path(), &HashMap::new()).unwrap();
+        assert!(matches!(
+            c.pools[0].backend_auth,
+            BackendAuth::ClientCert { lifetime, .. } if lifetime == Duration::from_secs(600)
+        ));
+        assert!(matches!(
+            c.pools[0].backend_tls,
+            BackendTls::VerifyFull { .. }
+        ));
+        let jit = c.pools[0].provisioning.as_ref().unwrap();
+        assert!(jit.admin_password.is_none());
+        assert_eq!(jit.namespace, "aad");
+        assert!(matches!(c.pools[1].backend_auth, BackendAuth::Token));
+        assert!(matches!(
+            c.pools[1].backend_tls,
+            BackendTls::VerifyFull { .. }
+        ));
+        assert!(c.warnings().is_empty());
+
+        let trust = Config::from_toml(MINIMAL, "t", Path::new("."), &HashMap::new()).unwrap();
+        assert!(matches!(trust.pools[0].backend_tls, BackendTls::Disable));
+        assert!(trust.warnings()[0].contains("trust"));
+
+        let bad = format!(
+            "{}backend_auth = \"token\"\nbackend_tls = \"disable\"\nprovisioning = \"jit\"\n\n[[pools]]\nname = \"rs\"\nkind = \"redshift\"\ntargets = [{{ addr = \"wg.example:5439\" }}]\n\n[[pools]]\nname = \"cc\"\nbackend_auth = \"client_cert\"\ntargets = [{{ addr = \"db:5432\" }}]\n",
+            MINIMAL
+        );
+        let err = Config::from_toml(&bad, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in [
+            "pools[0].backend_tls",
+            "pools[0].admin_user",
+            "pools[1].backend_auth",
+            "pools[2].backend_auth",
+        ] {
+            assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
     }
 
     #[test]

@@ -291,21 +291,8 @@ pub async fn run_with(
     mut options: RunOptions,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    for pool in &config.pools {
-        match &pool.backend_auth {
-            crate::config::BackendAuth::Trust => tracing::warn!(
-                pool = %pool.name,
-                "backend_auth = \"trust\": the backend must trust idgate's address; development only"
-            ),
-            crate::config::BackendAuth::Password {
-                user: Some(user), ..
-            } => tracing::warn!(
-                pool = %pool.name,
-                service_role = %user,
-                "backend_auth = \"password\" with backend_user: sessions run as a shared service role, not as the person"
-            ),
-            crate::config::BackendAuth::Password { user: None, .. } => {}
-        }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
     }
     let (audit, audit_task) = AuditLog::start(AuditSinks {
         file: config.audit.file_path.clone(),

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod ca;
 pub mod cancel;
 pub mod config;
 pub mod devcerts;

@@ -40,6 +40,23 @@ enum Command {
     Dev(dev::DevArgs),
     /// Write a throw-away CA and a server certificate for development (docker-compose uses it).
     DevCerts(dev::DevCertsArgs),
+    /// idgate's own CA for backend_auth = "client_cert".
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA certificate (ca.pem) and key (ca-key.pem, mode 0600) in DIR, for development.
+    /// Point [ca] cert_file/key_file at them and PostgreSQL's ssl_ca_file at ca.pem.
+    Init {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Subject common name of the CA.
+        #[arg(long, default_value = "idgate client CA")]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +106,7 @@ fn main() -> ExitCode {
             Command::DevIdp(args) => dev::dev_idp(args).await,
             Command::Dev(args) => dev::dev(args).await,
             Command::DevCerts(args) => dev::dev_certs(args),
+            Command::Ca(CaCommand::Init { dir, name }) => ca_init(dir, name),
         }
     });
     match result {
@@ -102,6 +120,19 @@ fn main() -> ExitCode {
 
 fn env_map() -> HashMap<String, String> {
     std::env::vars().collect()
+}
+
+fn ca_init(dir: PathBuf, name: String) -> anyhow::Result<ExitCode> {
+    let (cert, key) = idgate::ca::IdgateCa::write_new(&dir, &name)?;
+    println!(
+        "wrote {} and {}\n[ca]\ncert_file = {:?}\nkey_file = {:?}\n# PostgreSQL: ssl_ca_file = '{}' and in pg_hba.conf: hostssl all all <idgate-ip>/32 cert",
+        cert.display(),
+        key.display(),
+        cert.display().to_string(),
+        key.display().to_string(),
+        cert.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_config(file: PathBuf) -> anyhow::Result<ExitCode> {

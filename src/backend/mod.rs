@@ -3,8 +3,17 @@
 //!
 //! Targets are tried round-robin; a target that cannot be reached (refused, timed out) or that
 //! refuses the login with a retryable SQLSTATE is skipped before the client sees anything.
+//!
+//! How idgate proves who it logs in as (`backend_auth`) is per pool: a client certificate minted
+//! per user ([`client_cert`]), the client's own token (token as password, or the Redshift native
+//! IdP exchange in [`redshift`]), a password, or trust. With `provisioning = "jit"` the login
+//! role and its namespace role memberships are brought in step first ([`provision`]).
 
-use std::{borrow::Cow, time::Duration};
+pub mod client_cert;
+pub mod provision;
+pub mod redshift;
+
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use postgres_protocol::{
@@ -18,7 +27,7 @@ use tokio::{
 use tokio_util::either::Either;
 
 use crate::{
-    config::{BackendAuth, PoolConfig, ProbeCredential, TargetConfig},
+    config::{BackendAuth, PoolConfig, PoolKind, ProbeCredential, TargetConfig},
     error::{sqlstate, ErrorKind, Reportable, UserFacing},
     net::{stream::BackendStream, tls},
     protocol::{
@@ -33,6 +42,18 @@ use crate::{
 /// Cap on one backend message during login (ParameterStatus, ErrorResponse, SASL data).
 const MAX_LOGIN_MESSAGE: usize = 1 << 20;
 
+/// Who to log in as, and the client's token while it is still needed (`backend_auth = "token"`).
+pub struct Login<'a> {
+    /// The mapped database user (or the probe role).
+    pub user: &'a str,
+    /// The mapped roles (`<namespace>:<role>`), for JIT provisioning.
+    pub roles: &'a [String],
+    /// The client's token; kept only until the backend login completes.
+    pub token: Option<&'a Secret<String>>,
+    /// Health probes log in with their own password, whatever the pool's `backend_auth`.
+    pub probe_password: Option<&'a Secret<String>>,
+}
+
 /// A logged-in backend connection at ReadyForQuery.
 pub struct BackendConnection {
     /// The stream (TLS or plain).
@@ -45,6 +66,8 @@ pub struct BackendConnection {
     pub target: TargetConfig,
     /// The role the session runs as.
     pub login_user: String,
+    /// What JIT provisioning changed before this login (empty when nothing changed).
+    pub provisioned: provision::RoleChanges,
 }
 
 /// A failed backend connect or login.
@@ -117,6 +140,28 @@ pub enum ConnectError {
         /// Pool name.
         pool: String,
     },
+    /// No client certificate could be minted.
+    #[error("client certificate for {addr}: {source}")]
+    ClientCert {
+        /// Target.
+        addr: String,
+        /// Cause.
+        source: client_cert::ClientCertError,
+    },
+    /// `backend_auth = "token"` but the client's token was not kept for the login.
+    #[error("{addr}: no client token to forward")]
+    NoToken {
+        /// Target.
+        addr: String,
+    },
+    /// JIT provisioning failed.
+    #[error("provisioning on {addr}: {source}")]
+    Provision {
+        /// Target.
+        addr: String,
+        /// Cause.
+        source: provision::ProvisionError,
+    },
 }
 
 impl ConnectError {
@@ -127,11 +172,14 @@ impl ConnectError {
             ConnectError::Refused { fields, .. } => {
                 matches!(fields.code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
             }
+            ConnectError::Provision { source, .. } => source.could_retry(),
             ConnectError::TlsRefused { .. }
             | ConnectError::Tls { .. }
             | ConnectError::UnsupportedAuth { .. }
             | ConnectError::Protocol { .. }
-            | ConnectError::NoTarget { .. } => false,
+            | ConnectError::NoTarget { .. }
+            | ConnectError::ClientCert { .. }
+            | ConnectError::NoToken { .. } => false,
         }
     }
 }
@@ -145,8 +193,10 @@ impl Reportable for ConnectError {
             | ConnectError::Tls { .. }
             | ConnectError::NoTarget { .. }
             | ConnectError::Protocol { .. } => ErrorKind::BackendUnavailable,
-            ConnectError::Refused { .. } => ErrorKind::Backend,
-            ConnectError::UnsupportedAuth { .. } => ErrorKind::Internal,
+            ConnectError::Refused { .. } | ConnectError::Provision { .. } => ErrorKind::Backend,
+            ConnectError::UnsupportedAuth { .. }
+            | ConnectError::ClientCert { .. }
+            | ConnectError::NoToken { .. } => ErrorKind::Internal,
         }
     }
 
@@ -162,6 +212,9 @@ impl Reportable for ConnectError {
             ConnectError::UnsupportedAuth { .. } => "backend_auth_unsupported".into(),
             ConnectError::Protocol { .. } => "backend_protocol_error".into(),
             ConnectError::NoTarget { .. } => "no_target_available".into(),
+            ConnectError::ClientCert { .. } => "client_cert_failed".into(),
+            ConnectError::NoToken { .. } => "backend_token_missing".into(),
+            ConnectError::Provision { source, .. } => source.reason(),
         }
     }
 }
@@ -177,7 +230,10 @@ impl UserFacing for ConnectError {
             | ConnectError::NoTarget { .. } => sqlstate::CONNECTION_FAILURE,
             // The backend's own message is forwarded raw; this code is only a fallback.
             ConnectError::Refused { .. } => sqlstate::INVALID_PASSWORD,
-            ConnectError::UnsupportedAuth { .. } => sqlstate::INTERNAL,
+            ConnectError::UnsupportedAuth { .. }
+            | ConnectError::ClientCert { .. }
+            | ConnectError::NoToken { .. } => sqlstate::INTERNAL,
+            ConnectError::Provision { .. } => sqlstate::CONNECTION_FAILURE,
         }
     }
 
@@ -195,17 +251,23 @@ impl UserFacing for ConnectError {
                 "the database asked for a login method idgate is not configured for; ask the operator to check backend_auth"
                     .into()
             }
+            ConnectError::ClientCert { .. } | ConnectError::NoToken { .. } => {
+                "idgate could not prepare its login to the database; ask the operator to check backend_auth and [ca]".into()
+            }
+            ConnectError::Provision { .. } => {
+                "idgate could not prepare your database role; try again shortly or ask the operator to check provisioning".into()
+            }
         }
     }
 }
 
-/// Try `candidates` in order and log in as `user` with `params`. Retryable failures move on to
+/// Try `candidates` in order and log in as `login` with `params`. Retryable failures move on to
 /// the next target (reported through `on_retry`); the first non-retryable failure is returned.
 /// The whole attempt is bounded by the pool's `retry_budget`.
 pub async fn connect<'a>(
     pool: &'a Pool,
     candidates: &[&'a Target],
-    user: &str,
+    login: &Login<'_>,
     params: &[(String, String)],
     mut on_retry: impl FnMut(&Target, &ConnectError),
 ) -> Result<(BackendConnection, &'a Target), ConnectError> {
@@ -216,8 +278,7 @@ pub async fn connect<'a>(
         if remaining.is_zero() {
             break;
         }
-        let credentials = Credentials::for_pool(&pool.config, user);
-        let attempt = connect_target(pool, &target.config, &credentials, params);
+        let attempt = connect_target(pool, &target.config, login, params);
         let result = match tokio::time::timeout(remaining, attempt).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout {
@@ -239,45 +300,6 @@ pub async fn connect<'a>(
     }))
 }
 
-/// Who idgate logs in as, and with what.
-pub struct Credentials<'a> {
-    /// Role name sent in the startup message.
-    pub user: &'a str,
-    /// Password, if the backend asks for one.
-    pub password: Option<&'a Secret<String>>,
-    /// Mode name for error messages.
-    pub mode: &'static str,
-}
-
-impl<'a> Credentials<'a> {
-    /// The pool's backend login for the mapped user `user`.
-    pub fn for_pool(cfg: &'a PoolConfig, user: &'a str) -> Self {
-        match &cfg.backend_auth {
-            BackendAuth::Trust => Credentials {
-                user,
-                password: None,
-                mode: "trust",
-            },
-            BackendAuth::Password {
-                user: Some(fixed),
-                password,
-            } => Credentials {
-                user: fixed.as_str(),
-                password: Some(password),
-                mode: "password",
-            },
-            BackendAuth::Password {
-                user: None,
-                password,
-            } => Credentials {
-                user,
-                password: Some(password),
-                mode: "password",
-            },
-        }
-    }
-}
-
 /// Health probe: TCP connect, then (with a probe credential) login and `SELECT 1`.
 pub async fn probe(
     pool: &Pool,
@@ -291,10 +313,11 @@ pub async fn probe(
             Err(source) => Err(ConnectError::Connect { addr, source }),
         };
     };
-    let credentials = Credentials {
+    let credentials = Login {
         user: &cred.user,
-        password: Some(&cred.password),
-        mode: "probe",
+        roles: &[],
+        token: None,
+        probe_password: Some(&cred.password),
     };
     let params = vec![
         ("database".to_owned(), cred.database.clone()),
@@ -338,11 +361,39 @@ pub async fn probe(
 async fn connect_target(
     pool: &Pool,
     target: &TargetConfig,
-    credentials: &Credentials<'_>,
+    user: &Login<'_>,
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
     let cfg = &pool.config;
+    let provisioned = match pool
+        .provisioner
+        .as_ref()
+        .filter(|_| user.probe_password.is_none())
+    {
+        Some(p) => p
+            .ensure(pool, target, user.user, user.roles)
+            .await
+            .map_err(|source| ConnectError::Provision {
+                addr: addr.clone(),
+                source,
+            })?,
+        None => provision::RoleChanges::default(),
+    };
+    let client_tls =
+        match pool
+            .client_certs
+            .as_ref()
+            .filter(|_| user.probe_password.is_none())
+        {
+            Some(issuer) => Some(issuer.for_user(user.user).await.map_err(|source| {
+                ConnectError::ClientCert {
+                    addr: addr.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let tcp = match tokio::time::timeout(
         cfg.connect_timeout,
         TcpStream::connect((target.host.as_str(), target.port)),
@@ -360,8 +411,11 @@ async fn connect_target(
     };
     let _ = tcp.set_nodelay(true);
     let login = async {
-        let stream = negotiate_tls(pool, target, tcp).await?;
-        login(stream, target, credentials, params).await
+        let tls = client_tls.as_ref().map(|c| &c.tls);
+        let stream = negotiate_tls(pool, target, tcp, tls).await?;
+        let mut conn = login(stream, cfg, target, user, params).await?;
+        conn.provisioned = provisioned;
+        Ok(conn)
     };
     match tokio::time::timeout(cfg.login_timeout, login).await {
         Ok(result) => result,
@@ -376,8 +430,9 @@ async fn negotiate_tls(
     pool: &Pool,
     target: &TargetConfig,
     mut tcp: TcpStream,
+    client_tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<BackendStream, ConnectError> {
-    let Some(config) = &pool.tls else {
+    let Some(config) = client_tls.or(pool.tls.as_ref()) else {
         return Ok(Either::Left(tcp));
     };
     let addr = target.addr.clone();
@@ -406,20 +461,59 @@ async fn negotiate_tls(
 
 async fn login(
     mut stream: BackendStream,
+    cfg: &PoolConfig,
     target: &TargetConfig,
-    credentials: &Credentials<'_>,
+    login: &Login<'_>,
     params: &[(String, String)],
 ) -> Result<BackendConnection, ConnectError> {
     let addr = target.addr.clone();
+    let user = login.user;
     let proto = |message: String| ConnectError::Protocol {
         addr: target.addr.clone(),
         message: message.into(),
     };
-    let (login_user, password, mode) = (credentials.user, credentials.password, credentials.mode);
+    let redshift_idp = login.probe_password.is_none()
+        && matches!(
+            (&cfg.backend_auth, cfg.kind),
+            (BackendAuth::Token, PoolKind::Redshift)
+        );
+    let (login_user, password): (&str, Option<&Secret<String>>) =
+        match (login.probe_password, &cfg.backend_auth) {
+            (Some(pw), _) => (user, Some(pw)),
+            (None, BackendAuth::Trust | BackendAuth::ClientCert { .. }) => (user, None),
+            (None, BackendAuth::Token) => match login.token {
+                Some(token) => (user, Some(token)),
+                None => return Err(ConnectError::NoToken { addr }),
+            },
+            (
+                None,
+                BackendAuth::Password {
+                    user: Some(fixed),
+                    password,
+                },
+            ) => (fixed.as_str(), Some(password)),
+            (
+                None,
+                BackendAuth::Password {
+                    user: None,
+                    password,
+                },
+            ) => (user, Some(password)),
+        };
+    let mode = if login.probe_password.is_some() {
+        "probe"
+    } else {
+        cfg.backend_auth.mode()
+    };
     let mut buf = BytesMut::new();
-    let startup = std::iter::once(("user", login_user))
-        .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    frontend::startup_message(startup, &mut buf).map_err(|e| proto(e.to_string()))?;
+    if redshift_idp {
+        frontend::startup_message(redshift::startup_pairs(params), &mut buf)
+    } else {
+        let startup = std::iter::once(("user", login_user))
+            .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        frontend::startup_message(startup, &mut buf)
+    }
+    .map_err(|e| proto(e.to_string()))?;
     stream
         .write_all(&buf)
         .await
@@ -446,6 +540,9 @@ async fn login(
                 let mut out = BytesMut::new();
                 match (code, password) {
                     (0, _) => continue,
+                    (14, Some(token)) if redshift_idp => {
+                        redshift::idp_token_message(token, &mut out)
+                    }
                     (3, Some(pw)) => frontend::password_message(pw.expose().as_bytes(), &mut out)
                         .map_err(|e| proto(e.to_string()))?,
                     (5, Some(pw)) => {
@@ -523,6 +620,7 @@ async fn login(
                     key,
                     target: target.clone(),
                     login_user: login_user.to_owned(),
+                    provisioned: provision::RoleChanges::default(),
                 })
             }
             other => {

@@ -72,6 +72,16 @@ pub fn backend_client_config(
     verify: bool,
     ca_pem: Option<&[u8]>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    backend_client_config_with_cert(verify, ca_pem, None)
+}
+
+/// Like [`backend_client_config`], presenting `client` (certificate chain and key) when the
+/// server asks for a client certificate (`backend_auth = "client_cert"`).
+pub fn backend_client_config_with_cert(
+    verify: bool,
+    ca_pem: Option<&[u8]>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let config = if verify {
@@ -84,12 +94,19 @@ pub fn backend_client_config(
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        let builder = builder.with_root_certificates(roots);
+        match client {
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+            None => builder.with_no_client_auth(),
+        }
     } else {
-        builder
+        let builder = builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-            .with_no_client_auth()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())));
+        match client {
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+            None => builder.with_no_client_auth(),
+        }
     };
     Ok(Arc::new(config))
 }

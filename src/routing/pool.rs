@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    config::{AllUnhealthy, BackendTls, Balance, PoolConfig, TargetConfig},
+    config::{AllUnhealthy, BackendAuth, BackendTls, Balance, PoolConfig, TargetConfig},
     net::tls,
 };
 
@@ -161,6 +161,10 @@ pub struct Pool {
     pub targets: Vec<Target>,
     /// Backend TLS client configuration.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Client certificates (`backend_auth = "client_cert"`).
+    pub client_certs: Option<crate::backend::client_cert::ClientCertIssuer>,
+    /// JIT provisioning (`provisioning = "jit"`).
+    pub provisioner: Option<crate::backend::provision::Provisioner>,
     cursor: AtomicUsize,
 }
 
@@ -188,10 +192,26 @@ impl Pool {
                     .unwrap_or_default(),
             })
             .collect();
+        let client_certs = match &config.backend_auth {
+            BackendAuth::ClientCert { ca, lifetime } => {
+                Some(crate::backend::client_cert::ClientCertIssuer::new(
+                    ca.clone(),
+                    *lifetime,
+                    &config.backend_tls,
+                ))
+            }
+            BackendAuth::Trust | BackendAuth::Password { .. } | BackendAuth::Token => None,
+        };
+        let provisioner = config
+            .provisioning
+            .clone()
+            .map(crate::backend::provision::Provisioner::new);
         Ok(Self {
             config,
             targets,
             tls,
+            client_certs,
+            provisioner,
             cursor: AtomicUsize::new(0),
         })
     }
@@ -308,6 +328,7 @@ mod tests {
             allowed_groups: vec![],
             allowed_app_roles: vec![],
             retry_budget: Duration::from_secs(1),
+            provisioning: None,
             targets,
         };
         Pool::new(config, &StateMap::new()).unwrap()

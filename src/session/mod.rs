@@ -20,6 +20,7 @@ use crate::{
     auth::TokenError,
     backend::{self, plain_server_version, ConnectError},
     cancel::CancelTarget,
+    config::{BackendAuth, PoolKind},
     error::{sqlstate, ErrorKind, Reportable, UserFacing},
     gateway::{Gateway, Snapshot},
     identity::{map_identity, IdentityError},
@@ -327,8 +328,14 @@ async fn session(
         .verify(token.expose())
         .instrument(tracing::info_span!("authenticate"))
         .await;
-    drop(token);
-    let claims = claims?;
+    // Without a valid token there is nothing to forward.
+    let claims = match claims {
+        Ok(c) => c,
+        Err(e) => {
+            drop(token);
+            return Err(e.into());
+        }
+    };
     ctx.facts.issuer = Some(claims.issuer_name().to_owned());
     ctx.facts.tenant = Some(claims.tenant_id().to_owned());
     ctx.facts.object_id = claims.object_id().map(str::to_owned);
@@ -352,6 +359,14 @@ async fn session(
         },
     )?;
     let pool = &snap.pools[decision.pool];
+    // The token is kept only when the pool forwards it, and only until the backend login.
+    let token = match pool.config.backend_auth {
+        BackendAuth::Token => Some(token),
+        BackendAuth::Trust | BackendAuth::Password { .. } | BackendAuth::ClientCert { .. } => {
+            drop(token);
+            None
+        }
+    };
     ctx.facts.pool = Some(pool.config.name.clone());
     ctx.facts.route_rule = Some(decision.rule.as_str());
     if decision.database.is_some() {
@@ -380,28 +395,38 @@ async fn session(
     let fall = config.health.fall;
     let login_started = std::time::Instant::now();
     let login_span = tracing::info_span!("backend_login", pool = %pool.config.name);
-    let (backend, target) = backend::connect(
-        pool,
-        &candidates,
-        &identity.db_user,
-        &backend_params,
-        |target, e| {
-            ctx.emit(
-                EventKind::BackendLoginFailed,
-                Some(e.reason().into_owned()),
-                Some(format!(
-                    "{}: {e}; trying the next target",
-                    target.config.addr
-                )),
-            );
-            // Passive ejection: live connect failures count towards `fall`.
-            if let Some(h) = target.state.failure(fall) {
-                routing::health::report(gw, &pool.config.name, target, h, &e.to_string());
-            }
-        },
-    )
+    let login = backend::Login {
+        user: &identity.db_user,
+        roles: &identity.roles,
+        token: token.as_ref(),
+        probe_password: None,
+    };
+    let connected = backend::connect(pool, &candidates, &login, &backend_params, |target, e| {
+        ctx.emit(
+            EventKind::BackendLoginFailed,
+            Some(e.reason().into_owned()),
+            Some(format!(
+                "{}: {e}; trying the next target",
+                target.config.addr
+            )),
+        );
+        // Passive ejection: live connect failures count towards `fall`.
+        if let Some(h) = target.state.failure(fall) {
+            routing::health::report(gw, &pool.config.name, target, h, &e.to_string());
+        }
+    })
     .instrument(login_span)
-    .await?;
+    .await;
+    drop(token);
+    let (backend, target) = connected?;
+    if !backend.provisioned.is_empty() {
+        ctx.facts.target = Some(backend.target.addr.clone());
+        ctx.emit(
+            EventKind::RolesProvisioned,
+            None,
+            Some(backend.provisioned.to_string()),
+        );
+    }
     gw.metrics
         .backend_login_seconds
         .observe(login_started.elapsed().as_secs_f64());
@@ -417,7 +442,8 @@ async fn session(
     let mut out = Vec::with_capacity(512);
     messages::authentication(&mut out, messages::AUTH_OK);
     for (name, value) in &backend.params {
-        let value = if name == "server_version" {
+        // In front of stock PostgreSQL only: a Redshift workgroup's value goes through as is.
+        let value = if name == "server_version" && pool.config.kind == PoolKind::Postgres {
             plain_server_version(value)
         } else {
             value.as_str()

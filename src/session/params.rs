@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Keys used by idgate itself and never forwarded.
-const NEVER_FORWARD: &[&str] = &[
+pub const NEVER_FORWARD: &[&str] = &[
     "user",
     "idp_type",
     "plugin_name",

@@ -125,7 +125,7 @@ async fn psql_with_token_as_pgpassword_and_verify_full() {
     );
 }
 
-fn which(tool: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -133,7 +133,11 @@ fn which(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.exists())
 }
 
-fn run_python(env: &Env, script: &str, args: &[String]) -> Option<(bool, String, String)> {
+pub(crate) fn run_python(
+    env: &Env,
+    script: &str,
+    args: &[String],
+) -> Option<(bool, String, String)> {
     let Some(py) = python() else {
         missing_tool("python venv with redshift_connector/psycopg (IDGATE_TEST_PYTHON)");
         return None;

@@ -175,10 +175,14 @@ impl Env {
         for c in futures_util::future::join_all(starts).await {
             clusters.push(c);
         }
-        let targets: Vec<String> = clusters
+        let mut targets: Vec<String> = clusters
             .iter()
             .map(|c| format!("{{ addr = \"{}\" }}", c.addr()))
             .collect();
+        if targets.is_empty() {
+            // `clusters: 0`: the test brings its own backend and sets the targets in `tweak`.
+            targets.push("{ addr = \"127.0.0.1:1\" }".into());
+        }
         let mut pools = opts.pools_toml.clone().unwrap_or_else(|| {
             format!(
                 "[[pools]]\nname = \"main\"\ntargets = [{}]\n",
@@ -410,9 +414,20 @@ impl Env {
         token: &str,
         db: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.pg_connect_port(self.port(), user, token, db).await
+    }
+
+    /// Like [`Env::pg_connect_db`], to another gateway on `port` that uses this env's TLS files.
+    pub async fn pg_connect_port(
+        &self,
+        port: u16,
+        user: Option<&str>,
+        token: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host("localhost")
-            .port(self.port())
+            .port(port)
             .dbname(db)
             .password(token)
             .ssl_mode(tokio_postgres::config::SslMode::Require);

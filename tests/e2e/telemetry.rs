@@ -27,7 +27,7 @@ async fn serve_once(env: &Env, endpoint: &str) -> bool {
     );
     let path = env.dir.path().join(format!("otel-{port}.toml"));
     std::fs::write(&path, text).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idgate"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idgate"))
         .args(["serve", "--config"])
         .arg(&path)
         .stderr(std::process::Stdio::piped())
