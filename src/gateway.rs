@@ -7,7 +7,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    audit::{AuditLog, AuditSinks},
+    audit::{AuditLog, AuditStartError},
     auth::Authenticator,
     backend::Pool,
     cancel::CancelMap,
@@ -28,9 +28,9 @@ pub enum RunError {
     /// The token validator could not be built.
     #[error("issuers: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
-    /// The audit sink could not be opened.
-    #[error("audit file: {0}")]
-    Audit(std::io::Error),
+    /// The audit spool or store could not be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditStartError),
 }
 
 /// Shared state of one running gateway.
@@ -78,12 +78,7 @@ pub async fn run(
         .cloned()
         .map(Pool::new)
         .collect::<Result<Vec<_>, _>>()?;
-    let (audit, audit_task) = AuditLog::start(AuditSinks {
-        file: config.audit.file_path.clone(),
-        stdout: config.audit.stdout,
-    })
-    .await
-    .map_err(RunError::Audit)?;
+    let (audit, audit_task) = AuditLog::start(&config.audit).await?;
     let gw = Arc::new(Gateway {
         connections: Arc::new(Semaphore::new(config.listener.max_connections)),
         config: Arc::new(config),

@@ -1,6 +1,7 @@
 //! The `idgate` binary: command line, environment, port binding and signals. Everything else is
 //! in the library.
 
+mod cli_audit;
 mod dev;
 
 use std::{collections::HashMap, path::PathBuf, process::ExitCode};
@@ -40,6 +41,9 @@ enum Command {
     Dev(dev::DevArgs),
     /// Write a throw-away CA and a server certificate for development (docker-compose uses it).
     DevCerts(dev::DevCertsArgs),
+    /// Read, follow and summarize the audit trail; migrate the audit database.
+    #[command(subcommand)]
+    Audit(cli_audit::AuditCommand),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
             Command::DevIdp(args) => dev::dev_idp(args).await,
             Command::Dev(args) => dev::dev(args).await,
             Command::DevCerts(args) => dev::dev_certs(args),
+            Command::Audit(cmd) => cli_audit::run(cmd).await,
         }
     });
     match result {

@@ -24,7 +24,7 @@ use crate::{
     identity::{map_identity, IdentityError},
     net::stream::ClientStream,
     protocol::messages::{self, Severity},
-    relay::{relay, RelayError},
+    relay::{query_audit::QueryTap, relay_with_tap, RelayError},
 };
 use context::SessionContext;
 use handshake::{Handshake, HandshakeError, TokenCarriage};
@@ -57,6 +57,9 @@ pub enum SessionError {
     /// idgate is shutting down.
     #[error("shutting down")]
     Shutdown,
+    /// `fail_closed` is on and the audit spool cannot be written.
+    #[error("the audit trail is unavailable")]
+    AuditUnavailable,
 }
 
 impl Reportable for SessionError {
@@ -76,6 +79,7 @@ impl Reportable for SessionError {
             SessionError::HandshakeTimeout => ErrorKind::ClientDisconnect,
             SessionError::TooManyConnections => ErrorKind::RateLimit,
             SessionError::Shutdown => ErrorKind::Shutdown,
+            SessionError::AuditUnavailable => ErrorKind::Internal,
         }
     }
 
@@ -89,6 +93,7 @@ impl Reportable for SessionError {
             SessionError::HandshakeTimeout => "handshake_timeout".into(),
             SessionError::TooManyConnections => "too_many_connections".into(),
             SessionError::Shutdown => "shutdown".into(),
+            SessionError::AuditUnavailable => "audit_unavailable".into(),
         }
     }
 }
@@ -104,6 +109,7 @@ impl UserFacing for SessionError {
             SessionError::HandshakeTimeout => sqlstate::PROTOCOL_VIOLATION,
             SessionError::TooManyConnections => sqlstate::TOO_MANY_CONNECTIONS,
             SessionError::Shutdown => sqlstate::ADMIN_SHUTDOWN,
+            SessionError::AuditUnavailable => sqlstate::CONNECTION_FAILURE,
         }
     }
 
@@ -119,6 +125,10 @@ impl UserFacing for SessionError {
                 "too many connections to idgate; try again later".into()
             }
             SessionError::Shutdown => "idgate is shutting down; reconnect".into(),
+            SessionError::AuditUnavailable => {
+                "the audit trail is unavailable, so idgate accepts no new sessions; try again later"
+                    .into()
+            }
         }
     }
 }
@@ -198,12 +208,26 @@ pub async fn handle_client(
                 .await;
                 return;
             };
+            if gw.audit.refuses_sessions() {
+                fail(&mut ctx, Some(&mut stream), &SessionError::AuditUnavailable).await;
+                return;
+            }
             let result = tokio::select! {
                 r = session(&gw, &mut ctx, &mut stream, startup) => r,
                 _ = shutdown.cancelled() => Err(SessionError::Shutdown),
             };
             match result {
-                Ok(Some(backend)) => run_relay(&mut ctx, stream, backend, &shutdown).await,
+                Ok(Some(backend)) => {
+                    let tap = ctx
+                        .facts
+                        .pool
+                        .as_deref()
+                        .and_then(|p| gw.audit.query_audit_len(p));
+                    let tap = tap.map(|max| {
+                        QueryTap::new(gw.audit.clone(), ctx.id, peer, ctx.facts.clone(), max)
+                    });
+                    run_relay(&mut ctx, stream, backend, &shutdown, tap).await
+                }
                 Ok(None) => {}
                 Err(e) => fail(&mut ctx, Some(&mut stream), &e).await,
             }
@@ -315,10 +339,11 @@ async fn run_relay(
     client: ClientStream,
     logged_in: Box<LoggedIn>,
     shutdown: &CancellationToken,
+    tap: Option<QueryTap>,
 ) {
     let LoggedIn { backend, _cancel } = *logged_in;
     let counters = ctx.counters.clone();
-    let end = match relay(client, backend.stream, &counters, shutdown).await {
+    let end = match relay_with_tap(client, backend.stream, &counters, shutdown, tap).await {
         Ok(()) => "closed".to_owned(),
         Err(RelayError::Client(e)) => format!("client_error: {}", e.kind()),
         Err(RelayError::Backend(e)) => format!("backend_error: {}", e.kind()),
@@ -344,6 +369,7 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
         SessionError::Handshake(_)
         | SessionError::HandshakeTimeout
         | SessionError::TooManyConnections
+        | SessionError::AuditUnavailable
         | SessionError::Shutdown => {}
     }
     tracing::info!(session = %ctx.id, peer = %ctx.peer(), reason = %reason, "session refused");

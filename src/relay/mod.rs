@@ -1,6 +1,7 @@
 //! The relay: after login, opaque bytes both ways until either side ends.
 //!
-//! No message is parsed here. Half-close is honoured (EOF on one side shuts down writing on the
+//! No message is parsed here (the optional [`query_audit::QueryTap`] only watches the client's
+//! bytes go by). Half-close is honoured (EOF on one side shuts down writing on the
 //! other, and the other direction keeps flowing until it ends too). Byte counters are updated as
 //! data moves, so the audit trail has them however the session ends.
 
@@ -16,6 +17,10 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+
+pub mod query_audit;
+
+use query_audit::QueryTap;
 
 /// Bytes moved so far, readable while the relay runs.
 #[derive(Debug, Default, Clone)]
@@ -51,15 +56,32 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_with_tap(client, backend, counters, shutdown, None).await
+}
+
+/// [`relay`], with an optional tap that sees every byte the client sends (query audit).
+pub async fn relay_with_tap<C, B>(
+    client: C,
+    backend: B,
+    counters: &ByteCounters,
+    shutdown: &CancellationToken,
+    tap: Option<QueryTap>,
+) -> Result<(), RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let mut client = Counted {
         inner: client,
         read: counters.from_client.clone(),
         failed: false,
+        tap,
     };
     let mut backend = Counted {
         inner: backend,
         read: counters.to_client.clone(),
         failed: false,
+        tap: None,
     };
     tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, 16 * 1024, 16 * 1024) => {
@@ -75,6 +97,7 @@ struct Counted<S> {
     inner: S,
     read: Arc<AtomicU64>,
     failed: bool,
+    tap: Option<QueryTap>,
 }
 
 impl<S> Counted<S> {
@@ -97,6 +120,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.read.fetch_add(n as u64, Ordering::Relaxed);
+            let this = &mut *self;
+            if let Some(tap) = this.tap.as_mut() {
+                tap.feed(&buf.filled()[before..]);
+            }
         }
         self.note(result)
     }
