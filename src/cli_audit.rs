@@ -162,7 +162,7 @@ async fn load(
                     &sql,
                     &params,
                     after,
-                    PAGE.min((limit - out.len()) as i64),
+                    i64::try_from(limit - out.len()).unwrap_or(PAGE).min(PAGE),
                 )
                 .await?;
                 let Some((last, _)) = page.last() else { break };

@@ -323,9 +323,20 @@ file_path = "audit.jsonl"
         token: &str,
         db: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        self.pg_connect_port(self.port(), user, token, db).await
+    }
+
+    /// [`Env::pg_connect_db`] to an idgate on another port (e.g. a separate process).
+    pub async fn pg_connect_port(
+        &self,
+        port: u16,
+        user: Option<&str>,
+        token: &str,
+        db: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host("localhost")
-            .port(self.port())
+            .port(port)
             .dbname(db)
             .password(token)
             .ssl_mode(tokio_postgres::config::SslMode::Require);
