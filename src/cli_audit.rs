@@ -23,11 +23,11 @@ pub enum AuditCommand {
         database_url: String,
     },
     /// Print the events that match the filters (oldest first).
-    Query(QueryArgs),
+    Query(Box<QueryArgs>),
     /// Print matching events as they arrive (Ctrl-C stops).
-    Follow(QueryArgs),
+    Follow(Box<QueryArgs>),
     /// Logins and refusals per user, per reason, per pool; top client addresses with failures.
-    Summary(QueryArgs),
+    Summary(Box<QueryArgs>),
 }
 
 #[derive(Args)]
@@ -212,7 +212,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn follow(args: QueryArgs) -> anyhow::Result<ExitCode> {
+async fn follow(args: Box<QueryArgs>) -> anyhow::Result<ExitCode> {
     let filter = args.filter()?;
     let source = args.source().await?;
     let format: OutputFormat = args.format.into();

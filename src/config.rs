@@ -846,6 +846,14 @@ impl Validator<'_> {
             log_level: raw.telemetry.log_level,
         };
         let audit = self.audit(raw.audit);
+        for (i, pool) in audit.query_audit_pools.iter().enumerate() {
+            if !names.contains(pool) {
+                self.issue(
+                    format!("audit.query_audit_pools[{i}]"),
+                    format!("no pool is named {pool:?}"),
+                );
+            }
+        }
         Some(Config {
             listener: listener?,
             issuers: issuers.into_iter().collect::<Option<Vec<_>>>()?,

@@ -479,43 +479,28 @@ mod tests {
     fn filters_match_in_memory() {
         let ev = events();
         let count = |f: Filter| ev.iter().filter(|e| f.matches(e)).count();
-        assert_eq!(count(Filter::default()), 3);
-        assert_eq!(
-            count(Filter {
-                user: Some("alice@x.example".into()),
-                ..Default::default()
-            }),
-            1
-        );
-        assert_eq!(
-            count(Filter {
-                user: Some("bob@x.example".into()),
-                ..Default::default()
-            }),
-            1
-        );
-        assert_eq!(
-            count(Filter {
-                outcome: Some("failure".into()),
-                ..Default::default()
-            }),
-            2
-        );
-        assert_eq!(
-            count(Filter {
-                client_addr: Some("10.0.0.2".into()),
-                ..Default::default()
-            }),
-            2
-        );
-        assert_eq!(
-            count(Filter {
-                from: Some(rfc3339("2025-01-01T10:30:00Z").unwrap()),
-                to: Some(rfc3339("2025-01-01T12:00:00Z").unwrap()),
-                ..Default::default()
-            }),
-            1
-        );
+        let by = |set: fn(&mut Filter)| {
+            let mut f = Filter::default();
+            set(&mut f);
+            f
+        };
+        let cases: [(Filter, usize); 6] = [
+            (Filter::default(), 3),
+            (by(|f| f.user = Some("alice@x.example".into())), 1),
+            (by(|f| f.user = Some("bob@x.example".into())), 1),
+            (by(|f| f.outcome = Some("failure".into())), 2),
+            (by(|f| f.client_addr = Some("10.0.0.2".into())), 2),
+            (
+                by(|f| {
+                    f.from = rfc3339("2025-01-01T10:30:00Z").ok();
+                    f.to = rfc3339("2025-01-01T12:00:00Z").ok();
+                }),
+                1,
+            ),
+        ];
+        for (filter, want) in cases {
+            assert_eq!(count(filter.clone()), want, "{filter:?}");
+        }
         let (sql, params) = Filter {
             user: Some("a".into()),
             pool: Some("p".into()),
