@@ -432,32 +432,25 @@ impl std::fmt::Display for Summary {
                 .map(|(k, (l, r))| vec![k.clone(), l.to_string(), r.to_string()])
                 .collect()
         };
-        let h = |cols: &[&str]| cols.iter().map(|c| c.to_string()).collect::<Vec<_>>();
-        table(
-            &mut out,
-            &h(&["USER", "LOGINS", "REFUSALS"]),
-            &pairs(&self.per_user),
-        );
-        out.push('\n');
-        let reasons: Vec<Vec<String>> = self
-            .per_reason
-            .iter()
-            .map(|(k, n)| vec![k.clone(), n.to_string()])
-            .collect();
-        table(&mut out, &h(&["REASON", "REFUSALS"]), &reasons);
-        out.push('\n');
-        table(
-            &mut out,
-            &h(&["POOL", "LOGINS", "REFUSALS"]),
-            &pairs(&self.per_pool),
-        );
-        out.push('\n');
-        let clients: Vec<Vec<String>> = self
-            .top_failing_clients
-            .iter()
-            .map(|(k, n)| vec![k.clone(), n.to_string()])
-            .collect();
-        table(&mut out, &h(&["CLIENT_ADDR", "FAILURES"]), &clients);
+        let counts = |m: &mut dyn Iterator<Item = (&String, &u64)>| -> Vec<Vec<String>> {
+            m.map(|(k, n)| vec![k.clone(), n.to_string()]).collect()
+        };
+        let sections: [(&[&str], Vec<Vec<String>>); 4] = [
+            (&["USER", "LOGINS", "REFUSALS"], pairs(&self.per_user)),
+            (&["REASON", "REFUSALS"], counts(&mut self.per_reason.iter())),
+            (&["POOL", "LOGINS", "REFUSALS"], pairs(&self.per_pool)),
+            (
+                &["CLIENT_ADDR", "FAILURES"],
+                counts(&mut self.top_failing_clients.iter().map(|(k, n)| (k, n))),
+            ),
+        ];
+        for (i, (header, rows)) in sections.iter().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let header: Vec<String> = header.iter().map(|c| c.to_string()).collect();
+            table(&mut out, &header, rows);
+        }
         f.write_str(&out)
     }
 }
