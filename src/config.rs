@@ -416,13 +416,87 @@ fn one() -> u32 {
 }
 
 /// `[audit]`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(default)]
 pub struct RawAudit {
-    /// JSON-lines file the events are appended to. _Default:_ none.
+    /// JSON-lines file the events are shipped to (a sink, for SIEM agents). _Default:_ none.
     pub file_path: Option<PathBuf>,
-    /// Also write events to standard output. _Default:_ `false`.
+    /// `"native"` (idgate's events) or `"ocsf"` (OCSF Authentication events). _Default:_ `"native"`.
+    pub file_format: String,
+    /// Also ship events to standard output. _Default:_ `false`.
     pub stdout: bool,
+    /// Format of the stdout sink, as `file_format`. _Default:_ `"native"`.
+    pub stdout_format: String,
+    /// Local spool directory every event is appended to first. _Default:_ `"audit-spool"`.
+    pub spool_dir: PathBuf,
+    /// Longest time an event waits in memory before the spool is fsynced. _Default:_ `"100ms"`.
+    pub fsync_interval: String,
+    /// A spool segment is closed and a new one started past this size. _Default:_ 64 MiB.
+    pub spool_max_file_bytes: u64,
+    /// Shipped segments older than this are deleted. _Default:_ `"7d"`.
+    pub spool_retention: String,
+    /// Shipped segments beyond this count are deleted, oldest first. _Default:_ `1000`.
+    pub spool_max_files: usize,
+    /// Refuse new sessions while the spool cannot be written. _Default:_ `false`.
+    pub fail_closed: bool,
+    /// Name of the environment variable holding the audit PostgreSQL URL. _Default:_ none.
+    pub postgres_url_env: Option<String>,
+    /// File holding the audit PostgreSQL URL. _Default:_ none.
+    pub postgres_url_file: Option<PathBuf>,
+    /// Apply the `migrations/` schema to the audit database at start. _Default:_ `false`.
+    pub postgres_migrate: bool,
+    /// Events per INSERT. _Default:_ `500`.
+    pub postgres_batch_size: usize,
+    /// Pools whose statements (simple query and Parse) are recorded. _Default:_ none.
+    pub query_audit_pools: Vec<String>,
+    /// Statement text is truncated to this many bytes. _Default:_ `2048`.
+    pub query_audit_max_len: usize,
+    /// `[[audit.alerts]]`: brute-force rules. _Default:_ none.
+    pub alerts: Vec<RawAlertRule>,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            file_path: None,
+            file_format: "native".into(),
+            stdout: false,
+            stdout_format: "native".into(),
+            spool_dir: PathBuf::from("audit-spool"),
+            fsync_interval: "100ms".into(),
+            spool_max_file_bytes: 64 * 1024 * 1024,
+            spool_retention: "7d".into(),
+            spool_max_files: 1000,
+            fail_closed: false,
+            postgres_url_env: None,
+            postgres_url_file: None,
+            postgres_migrate: false,
+            postgres_batch_size: 500,
+            query_audit_pools: Vec::new(),
+            query_audit_max_len: 2048,
+            alerts: Vec::new(),
+        }
+    }
+}
+
+/// One `[[audit.alerts]]` rule: `failed_logins` refusals within `within` for one key.
+#[derive(Debug, Deserialize)]
+pub struct RawAlertRule {
+    /// Rule name (in the alert event). _Default:_ none (required).
+    pub name: String,
+    /// Number of failed logins that raises the alert. _Default:_ none (required).
+    pub failed_logins: u32,
+    /// Sliding window, e.g. `"5m"`. _Default:_ none (required).
+    pub within: String,
+    /// `"user"` or `"client_addr"`. _Default:_ `"client_addr"`.
+    #[serde(default = "client_addr")]
+    pub per: String,
+    /// URL the alert JSON is POSTed to. _Default:_ none.
+    pub webhook_url: Option<String>,
+}
+
+fn client_addr() -> String {
+    "client_addr".into()
 }
 
 /// `[telemetry]`.
@@ -755,13 +829,99 @@ pub struct TargetConfig {
     pub weight: u32,
 }
 
-/// Audit settings.
+/// Audit settings (see `RawAudit` for the meaning and defaults of each key).
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
-    /// JSON-lines file.
+    /// JSON-lines file sink.
     pub file_path: Option<PathBuf>,
-    /// Also print events to stdout.
+    /// Format of the file sink.
+    pub file_format: AuditFormat,
+    /// Also ship events to stdout.
     pub stdout: bool,
+    /// Format of the stdout sink.
+    pub stdout_format: AuditFormat,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+    /// Bounded fsync delay.
+    pub fsync_interval: Duration,
+    /// Segment rotation size.
+    pub spool_max_file_bytes: u64,
+    /// Age after which shipped segments are deleted.
+    pub spool_retention: Duration,
+    /// Count beyond which shipped segments are deleted.
+    pub spool_max_files: usize,
+    /// Refuse sessions while the spool cannot be written.
+    pub fail_closed: bool,
+    /// Audit PostgreSQL URL (from `postgres_url_env` or `postgres_url_file`).
+    pub postgres_url: Option<crate::types::Secret<String>>,
+    /// Apply migrations at start.
+    pub postgres_migrate: bool,
+    /// Events per INSERT.
+    pub postgres_batch_size: usize,
+    /// Pools with query audit.
+    pub query_audit_pools: Vec<String>,
+    /// Statement truncation length.
+    pub query_audit_max_len: usize,
+    /// Brute-force alert rules.
+    pub alerts: Vec<AlertRule>,
+}
+
+impl AuditConfig {
+    /// Defaults with the spool in `spool_dir` (for tests and tools).
+    pub fn with_spool(spool_dir: PathBuf) -> Self {
+        let raw = RawAudit::default();
+        Self {
+            file_path: None,
+            file_format: AuditFormat::Native,
+            stdout: false,
+            stdout_format: AuditFormat::Native,
+            spool_dir,
+            fsync_interval: Duration::from_millis(100),
+            spool_max_file_bytes: raw.spool_max_file_bytes,
+            spool_retention: Duration::from_secs(7 * 86400),
+            spool_max_files: raw.spool_max_files,
+            fail_closed: false,
+            postgres_url: None,
+            postgres_migrate: false,
+            postgres_batch_size: raw.postgres_batch_size,
+            query_audit_pools: Vec::new(),
+            query_audit_max_len: raw.query_audit_max_len,
+            alerts: Vec::new(),
+        }
+    }
+}
+
+/// How a file or stdout sink writes events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditFormat {
+    /// idgate's own JSON events.
+    Native,
+    /// OCSF-shaped JSON (Authentication class 3002 for logins, refusals and logoffs).
+    Ocsf,
+}
+
+/// What an alert rule counts per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertPer {
+    /// Per user (`db_user`, else the startup `user`).
+    User,
+    /// Per client IP address.
+    ClientAddr,
+}
+
+/// A checked `[[audit.alerts]]` rule.
+#[derive(Debug, Clone)]
+pub struct AlertRule {
+    /// Rule name.
+    pub name: String,
+    /// Threshold.
+    pub failed_logins: u32,
+    /// Window.
+    pub within: Duration,
+    /// Key.
+    pub per: AlertPer,
+    /// Webhook URL.
+    pub webhook_url: Option<String>,
 }
 
 /// Log output format.
@@ -1053,10 +1213,15 @@ impl Validator<'_> {
             database_separator: raw.routing.database_separator.clone(),
             rules,
         };
-        let audit = AuditConfig {
-            file_path: raw.audit.file_path.map(|p| self.resolve(&p)),
-            stdout: raw.audit.stdout,
-        };
+        let audit = self.audit(raw.audit);
+        for (i, pool) in audit.query_audit_pools.iter().enumerate() {
+            if !names.contains(pool) {
+                self.issue(
+                    format!("audit.query_audit_pools[{i}]"),
+                    format!("no pool is named {pool:?}"),
+                );
+            }
+        }
         Some(Config {
             listener: listener?,
             issuers: issuers.into_iter().collect::<Option<Vec<_>>>()?,
@@ -1166,6 +1331,108 @@ impl Validator<'_> {
             rise: raw.rise,
             fall: raw.fall,
             probe,
+        }
+    }
+
+    fn audit_format(&mut self, path: &str, value: &str) -> AuditFormat {
+        match value {
+            "native" => AuditFormat::Native,
+            "ocsf" => AuditFormat::Ocsf,
+            other => {
+                self.issue(path, format!("{other:?} is not \"native\" or \"ocsf\""));
+                AuditFormat::Native
+            }
+        }
+    }
+
+    fn audit(&mut self, raw: RawAudit) -> AuditConfig {
+        let postgres_url = match (&raw.postgres_url_env, &raw.postgres_url_file) {
+            (None, None) => None,
+            (Some(var), None) => match self.env.get(var) {
+                Some(v) => Some(v.trim().to_owned()),
+                None => {
+                    self.issue(
+                        "audit.postgres_url_env",
+                        format!("environment variable {var} is not set"),
+                    );
+                    None
+                }
+            },
+            (None, Some(file)) => self
+                .read_file("audit.postgres_url_file", file)
+                .and_then(|b| String::from_utf8(b).ok())
+                .map(|s| s.trim().to_owned()),
+            (Some(_), Some(_)) => {
+                self.issue(
+                    "audit.postgres_url_env",
+                    "set one of postgres_url_env, postgres_url_file, not both",
+                );
+                None
+            }
+        };
+        if raw.postgres_migrate && postgres_url.is_none() {
+            self.issue(
+                "audit.postgres_migrate",
+                "needs postgres_url_env or postgres_url_file",
+            );
+        }
+        if raw.postgres_batch_size == 0 {
+            self.issue("audit.postgres_batch_size", "must be at least 1");
+        }
+        if raw.spool_max_file_bytes < 4096 {
+            self.issue("audit.spool_max_file_bytes", "must be at least 4096");
+        }
+        let mut alerts = Vec::new();
+        for (i, r) in raw.alerts.into_iter().enumerate() {
+            let p = format!("audit.alerts[{i}]");
+            if r.name.is_empty() {
+                self.issue(format!("{p}.name"), "a rule needs a name");
+            }
+            if r.failed_logins == 0 {
+                self.issue(format!("{p}.failed_logins"), "must be at least 1");
+            }
+            let within = self.duration(&format!("{p}.within"), &r.within);
+            let per = match r.per.as_str() {
+                "user" => AlertPer::User,
+                "client_addr" => AlertPer::ClientAddr,
+                other => {
+                    self.issue(
+                        format!("{p}.per"),
+                        format!("{other:?} is not \"user\" or \"client_addr\""),
+                    );
+                    AlertPer::ClientAddr
+                }
+            };
+            if let Some(url) = &r.webhook_url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    self.issue(format!("{p}.webhook_url"), "must be an http(s) URL");
+                }
+            }
+            alerts.push(AlertRule {
+                name: r.name,
+                failed_logins: r.failed_logins,
+                within,
+                per,
+                webhook_url: r.webhook_url,
+            });
+        }
+        AuditConfig {
+            file_path: raw.file_path.map(|p| self.resolve(&p)),
+            file_format: self.audit_format("audit.file_format", &raw.file_format),
+            stdout: raw.stdout,
+            stdout_format: self.audit_format("audit.stdout_format", &raw.stdout_format),
+            spool_dir: self.resolve(&raw.spool_dir),
+            fsync_interval: self.duration("audit.fsync_interval", &raw.fsync_interval),
+            spool_max_file_bytes: raw.spool_max_file_bytes,
+            spool_retention: self.duration("audit.spool_retention", &raw.spool_retention),
+            spool_max_files: raw.spool_max_files.max(1),
+            fail_closed: raw.fail_closed,
+            postgres_url: postgres_url.map(crate::types::Secret::new),
+            postgres_migrate: raw.postgres_migrate,
+            postgres_batch_size: raw.postgres_batch_size.max(1),
+            query_audit_pools: raw.query_audit_pools,
+            query_audit_max_len: raw.query_audit_max_len,
+            alerts,
         }
     }
 

@@ -19,7 +19,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    audit::{AuditLog, AuditSinks, EventKind, SessionFacts},
+    audit::{AuditLog, AuditStartError, EventKind, SessionFacts},
     auth::Authenticator,
     cancel::CancelMap,
     config::{Config, ConfigError},
@@ -41,9 +41,9 @@ pub enum RunError {
     /// The token validator could not be built.
     #[error("issuers: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
-    /// The audit sink could not be opened.
-    #[error("audit file: {0}")]
-    Audit(std::io::Error),
+    /// The audit spool or store could not be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditStartError),
     /// The new configuration is invalid (reload).
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -233,6 +233,9 @@ impl Gateway {
         if self.draining.load(Ordering::Acquire) {
             return Err("shutting down");
         }
+        if !self.audit.healthy() {
+            return Err("the audit spool cannot be written");
+        }
         if !self
             .snapshot()
             .pools
@@ -294,12 +297,7 @@ pub async fn run_with(
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let (audit, audit_task) = AuditLog::start(AuditSinks {
-        file: config.audit.file_path.clone(),
-        stdout: config.audit.stdout,
-    })
-    .await
-    .map_err(RunError::Audit)?;
+    let (audit, audit_task) = AuditLog::start(&config.audit).await?;
     let grace = config.shutdown.grace_period;
     let max_connections = config.listener.max_connections;
     let snapshot = Snapshot::build(config, None)?;

@@ -1,6 +1,7 @@
 //! The `idgate` binary: command line, environment, port binding and signals. Everything else is
 //! in the library.
 
+mod cli_audit;
 mod dev;
 
 use std::{collections::HashMap, path::PathBuf, process::ExitCode};
@@ -43,6 +44,9 @@ enum Command {
     /// idgate's own CA for backend_auth = "client_cert".
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Read, follow and summarize the audit trail; migrate the audit database.
+    #[command(subcommand)]
+    Audit(cli_audit::AuditCommand),
 }
 
 #[derive(Subcommand)]
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::dev(args).await,
             Command::DevCerts(args) => dev::dev_certs(args),
             Command::Ca(CaCommand::Init { dir, name }) => ca_init(dir, name),
+            Command::Audit(cmd) => cli_audit::run(cmd).await,
         }
     });
     match result {

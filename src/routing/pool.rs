@@ -90,15 +90,18 @@ impl TargetState {
         self.fail_streak.store(0, Ordering::Release);
         let streak = self.ok_streak.fetch_add(1, Ordering::AcqRel) + 1;
         let now = self.health();
-        let up = match now {
-            Health::Up => false,
-            Health::Unknown => true,
-            Health::Down => streak >= rise,
-        };
-        if up && self.set_health(Health::Up) != Health::Up {
-            return Some(Health::Up);
+        match now {
+            Health::Up => None,
+            // The first probe of a new target only establishes its state: not a change to report.
+            Health::Unknown => {
+                self.set_health(Health::Up);
+                None
+            }
+            Health::Down if streak >= rise && self.set_health(Health::Up) == Health::Down => {
+                Some(Health::Up)
+            }
+            Health::Down => None,
         }
-        None
     }
 
     /// Record a failed probe or live connect; returns the new health if it changed.
@@ -390,9 +393,10 @@ mod tests {
         let s = TargetState::default();
         assert_eq!(
             s.probe_ok(2),
-            Some(Health::Up),
-            "first success brings an unknown target up"
+            None,
+            "the first success brings an unknown target up silently"
         );
+        assert_eq!(s.health(), Health::Up);
         assert_eq!(s.failure(2), None);
         assert_eq!(s.failure(2), Some(Health::Down));
         assert_eq!(s.probe_ok(2), None);

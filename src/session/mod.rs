@@ -27,7 +27,7 @@ use crate::{
     metrics::{DirectionLabels, OutcomeLabels, ReasonLabels, RouteLabels},
     net::stream::ClientStream,
     protocol::messages::{self, Severity},
-    relay::{relay, RelayError},
+    relay::{query_audit::QueryTap, relay_with_tap, RelayError},
     routing::{self, pool::ActiveSession, RouteError, RouteInput},
 };
 use context::SessionContext;
@@ -67,6 +67,9 @@ pub enum SessionError {
     /// idgate is shutting down.
     #[error("shutting down")]
     Shutdown,
+    /// `fail_closed` is on and the audit spool cannot be written.
+    #[error("the audit trail is unavailable")]
+    AuditUnavailable,
 }
 
 impl Reportable for SessionError {
@@ -88,6 +91,7 @@ impl Reportable for SessionError {
             SessionError::HandshakeTimeout => ErrorKind::ClientDisconnect,
             SessionError::TooManyConnections => ErrorKind::RateLimit,
             SessionError::Shutdown => ErrorKind::Shutdown,
+            SessionError::AuditUnavailable => ErrorKind::Internal,
         }
     }
 
@@ -103,6 +107,7 @@ impl Reportable for SessionError {
             SessionError::HandshakeTimeout => "handshake_timeout".into(),
             SessionError::TooManyConnections => "too_many_connections".into(),
             SessionError::Shutdown => "shutdown".into(),
+            SessionError::AuditUnavailable => "audit_unavailable".into(),
         }
     }
 }
@@ -120,6 +125,7 @@ impl UserFacing for SessionError {
             SessionError::HandshakeTimeout => sqlstate::PROTOCOL_VIOLATION,
             SessionError::TooManyConnections => sqlstate::TOO_MANY_CONNECTIONS,
             SessionError::Shutdown => sqlstate::ADMIN_SHUTDOWN,
+            SessionError::AuditUnavailable => sqlstate::CONNECTION_FAILURE,
         }
     }
 
@@ -140,6 +146,10 @@ impl UserFacing for SessionError {
                 "too many connections to idgate; try again later".into()
             }
             SessionError::Shutdown => "idgate is shutting down; reconnect".into(),
+            SessionError::AuditUnavailable => {
+                "the audit trail is unavailable, so idgate accepts no new sessions; try again later"
+                    .into()
+            }
         }
     }
 }
@@ -223,13 +233,25 @@ pub async fn handle_client(
                 .await;
                 return;
             };
+            if gw.audit.refuses_sessions() {
+                fail(&mut ctx, Some(&mut stream), &SessionError::AuditUnavailable).await;
+                return;
+            }
             let result = tokio::select! {
                 r = session(&gw, &snap, &mut ctx, &mut stream, startup, accepted_at) => r,
                 _ = shutdown.cancelled() => Err(SessionError::Shutdown),
             };
             let outcome = match result {
                 Ok(Some(backend)) => {
-                    run_relay(&mut ctx, stream, backend, &shutdown).await;
+                    let tap = ctx
+                        .facts
+                        .pool
+                        .as_deref()
+                        .and_then(|p| gw.audit.query_audit_len(p));
+                    let tap = tap.map(|max| {
+                        QueryTap::new(gw.audit.clone(), ctx.id, peer, ctx.facts.clone(), max)
+                    });
+                    run_relay(&mut ctx, stream, backend, &shutdown, tap).await;
                     let m = &gw.metrics.bytes;
                     m.get_or_create(&DirectionLabels {
                         direction: "in".into(),
@@ -270,6 +292,7 @@ pub async fn handle_client(
                         SessionError::Handshake(_)
                         | SessionError::HandshakeTimeout
                         | SessionError::TooManyConnections
+                        | SessionError::AuditUnavailable
                         | SessionError::Shutdown => "refused",
                     };
                     fail(&mut ctx, Some(&mut stream), &e).await;
@@ -486,6 +509,7 @@ async fn run_relay(
     client: ClientStream,
     logged_in: Box<LoggedIn>,
     shutdown: &CancellationToken,
+    tap: Option<QueryTap>,
 ) {
     let LoggedIn {
         backend,
@@ -493,7 +517,7 @@ async fn run_relay(
         _active,
     } = *logged_in;
     let counters = ctx.counters.clone();
-    let end = match relay(client, backend.stream, &counters, shutdown)
+    let end = match relay_with_tap(client, backend.stream, &counters, shutdown, tap)
         .instrument(tracing::info_span!("relay"))
         .await
     {
@@ -523,6 +547,7 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
         SessionError::Handshake(_)
         | SessionError::HandshakeTimeout
         | SessionError::TooManyConnections
+        | SessionError::AuditUnavailable
         | SessionError::Shutdown => {}
     }
     tracing::info!(session = %ctx.id, peer = %ctx.peer(), reason = %reason, "session refused");

@@ -12,7 +12,7 @@ use idgate::devidp::TokenSpec;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::{
-    harness::{Env, ALICE, BOB},
+    harness::{Env, EnvOptions, ALICE, BOB},
     raw,
 };
 
@@ -97,7 +97,16 @@ async fn no_token_appears_in_logs_or_audit_files() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .try_init();
-    let mut env = Env::start().await;
+    let (db, url) = crate::audit_store::audit_db("audit-secrets").await;
+    let mut env = Env::with(EnvOptions {
+        tweak: Box::new(move |c, _| {
+            c.audit.postgres_url = Some(idgate::types::Secret::new(url));
+            c.audit.postgres_migrate = true;
+            c.audit.query_audit_pools = vec!["main".into()];
+        }),
+        ..Default::default()
+    })
+    .await;
     let idp = &env.idp;
     let tokens = vec![
         env.token(ALICE),
@@ -134,11 +143,35 @@ async fn no_token_appears_in_logs_or_audit_files() {
     let audit = std::fs::read_to_string(&env.audit_path).unwrap();
     assert!(logs.len() > 1000, "debug logging must have produced output");
     assert!(audit.contains("auth_succeeded") && audit.contains("auth_failed"));
-    for token in &tokens {
-        for (what, text) in [("logs", &logs), ("audit", &audit)] {
+    let spool: String = idgate::audit::spool::list_segments(&env.config.audit.spool_dir)
+        .unwrap()
+        .iter()
+        .map(|(_, p)| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(spool.contains("auth_succeeded") && spool.contains("\"kind\":\"query\""));
+    let table: String = db
+        .query_strings("SELECT event::text FROM audit_events")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r[0].clone().unwrap_or_default() + "\n")
+        .collect();
+    assert!(
+        table.contains("auth_failed"),
+        "the table must hold the events"
+    );
+    let mut secrets = tokens.clone();
+    secrets.push(crate::audit_store::AUDIT_DB_PASSWORD.to_owned());
+    for token in &secrets {
+        for (what, text) in [
+            ("logs", &logs),
+            ("audit", &audit),
+            ("spool", &spool),
+            ("table", &table),
+        ] {
             assert!(
                 !text.contains(token.as_str()),
-                "a token appears in the {what}"
+                "a token or password appears in the {what}"
             );
             // Nor any of its segments (header/payload/signature) on their own.
             for part in token.split('.').filter(|p| p.len() >= 24) {

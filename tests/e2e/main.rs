@@ -6,6 +6,7 @@
 mod harness;
 
 mod audit_logs;
+mod audit_store;
 mod backend_auth;
 mod clients;
 mod config_files;

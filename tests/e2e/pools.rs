@@ -430,11 +430,18 @@ async fn reload_adds_a_pool_and_removes_a_target_without_cutting_sessions() {
         .await
         .unwrap();
     assert_eq!(Env::whoami(&c).await, "wg1");
-    let reloads: Vec<serde_json::Value> = env
-        .audit_events()
-        .into_iter()
-        .filter(|e| e["kind"] == "config_reloaded")
-        .collect();
+    let mut reloads: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..100 {
+        reloads = env
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["kind"] == "config_reloaded")
+            .collect();
+        if reloads.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(reloads.len(), 2);
     assert_eq!(reloads[1]["reason"], "reload_invalid");
 }

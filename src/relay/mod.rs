@@ -1,6 +1,7 @@
 //! The relay: after login, opaque bytes both ways until either side ends.
 //!
-//! No message is interpreted. Half-close is honoured: EOF from the client shuts down writing to
+//! No message is interpreted (the optional [`query_audit::QueryTap`] only watches the client's
+//! bytes go by). Half-close is honoured: EOF from the client shuts down writing to
 //! the backend and the backend's answer still flows back. Byte counters are updated as data moves,
 //! so the audit trail has them however the session ends. The backend→client direction tracks
 //! message boundaries (type byte and length only), so that on shutdown idgate can end the session
@@ -22,6 +23,10 @@ use crate::{
     error::sqlstate,
     protocol::messages::{self, Severity},
 };
+
+pub mod query_audit;
+
+use query_audit::QueryTap;
 
 /// Buffer size per direction.
 const BUF: usize = 16 * 1024;
@@ -104,6 +109,21 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_with_tap(client, backend, counters, shutdown, None).await
+}
+
+/// [`relay`], with an optional tap that sees every byte the client sends (query audit).
+pub async fn relay_with_tap<C, B>(
+    client: C,
+    backend: B,
+    counters: &ByteCounters,
+    shutdown: &CancellationToken,
+    mut tap: Option<QueryTap>,
+) -> Result<(), RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut backend_read, mut backend_write) = tokio::io::split(backend);
 
@@ -122,6 +142,9 @@ where
                 return Ok::<(), RelayError>(());
             }
             counters.from_client.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(t) = tap.as_mut() {
+                t.feed(&buf[..n]);
+            }
             backend_write
                 .write_all(&buf[..n])
                 .await

@@ -1,0 +1,192 @@
+//! Brute-force alerting: `[[audit.alerts]]` rules count `auth_failed` events per user or per
+//! client IP in a sliding window. Reaching the threshold emits one `alert` audit event, bumps a
+//! counter and (optionally) POSTs the alert as JSON to a webhook; the same rule and key stay quiet
+//! for one window after firing. Webhooks run in their own task with a timeout and a few retries,
+//! so a slow receiver never delays a session.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::{AuditEvent, EventKind, Health};
+use crate::config::{AlertPer, AlertRule};
+
+/// Webhook request limit.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Webhook attempts.
+const WEBHOOK_ATTEMPTS: u32 = 3;
+/// Keys tracked per rule at most (oldest are forgotten first).
+const MAX_KEYS: usize = 100_000;
+
+/// What an alert event says fired.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertInfo {
+    /// Rule name.
+    pub rule: String,
+    /// `user` or `client_addr`.
+    pub per: &'static str,
+    /// The user or client IP.
+    pub key: String,
+    /// Failed logins counted in the window.
+    pub failed_logins: u32,
+    /// Window in seconds.
+    pub within_secs: u64,
+}
+
+#[derive(Default)]
+struct KeyState {
+    failures: VecDeque<Instant>,
+    quiet_until: Option<Instant>,
+}
+
+/// Rule state (behind a mutex; observed only for `auth_failed`).
+pub struct Alerter {
+    rules: Vec<(AlertRule, Mutex<HashMap<String, KeyState>>)>,
+}
+
+impl Alerter {
+    /// State for `rules`.
+    pub fn new(rules: Vec<AlertRule>) -> Self {
+        Self {
+            rules: rules
+                .into_iter()
+                .map(|r| (r, Mutex::new(HashMap::new())))
+                .collect(),
+        }
+    }
+
+    /// Count `event`; returns the alert events (and webhook URLs) that fire now.
+    pub fn observe(&self, event: &AuditEvent) -> Vec<(AuditEvent, Option<String>)> {
+        if event.kind != EventKind::AuthFailed || self.rules.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let mut fired = Vec::new();
+        for (rule, state) in &self.rules {
+            let key = match rule.per {
+                AlertPer::User => event
+                    .facts
+                    .db_user
+                    .clone()
+                    .or_else(|| event.facts.client_user.clone().map(|u| u.to_lowercase())),
+                AlertPer::ClientAddr => event.client_addr.as_deref().map(|a| {
+                    a.parse::<std::net::SocketAddr>()
+                        .map(|s| s.ip().to_string())
+                        .unwrap_or_else(|_| a.to_owned())
+                }),
+            };
+            let Some(key) = key else { continue };
+            let Ok(mut map) = state.lock() else { continue };
+            if map.len() >= MAX_KEYS && !map.contains_key(&key) {
+                map.retain(|_, s| {
+                    s.failures
+                        .back()
+                        .is_some_and(|t| now.duration_since(*t) < rule.within)
+                });
+                if map.len() >= MAX_KEYS {
+                    continue;
+                }
+            }
+            let s = map.entry(key.clone()).or_default();
+            s.failures.push_back(now);
+            while s
+                .failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > rule.within)
+            {
+                s.failures.pop_front();
+            }
+            let quiet = s.quiet_until.is_some_and(|q| now < q);
+            if quiet || (s.failures.len() as u32) < rule.failed_logins {
+                continue;
+            }
+            s.quiet_until = Some(now + rule.within);
+            let count = s.failures.len() as u32;
+            s.failures.clear();
+            let mut alert = super::event(
+                EventKind::Alert,
+                event.session_id,
+                None,
+                &super::SessionFacts::default(),
+            );
+            alert.client_addr = event.client_addr.clone();
+            alert.outcome = EventKind::Alert.outcome(true);
+            alert.reason = Some("failed_logins".into());
+            alert.detail = Some(format!(
+                "{count} failed logins for {} {key} within {}",
+                per_name(rule.per),
+                humantime::format_duration(rule.within)
+            ));
+            if rule.per == AlertPer::User {
+                alert.facts.db_user = Some(key.clone());
+            }
+            alert.alert = Some(AlertInfo {
+                rule: rule.name.clone(),
+                per: per_name(rule.per),
+                key,
+                failed_logins: count,
+                within_secs: rule.within.as_secs(),
+            });
+            fired.push((alert, rule.webhook_url.clone()));
+        }
+        fired
+    }
+}
+
+fn per_name(per: AlertPer) -> &'static str {
+    match per {
+        AlertPer::User => "user",
+        AlertPer::ClientAddr => "client_addr",
+    }
+}
+
+/// POST each queued alert to its webhook; ends when every sender is gone.
+pub(crate) async fn run_webhooks(
+    mut rx: mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+    health: Arc<Health>,
+) {
+    let client = match reqwest::Client::builder()
+        .timeout(WEBHOOK_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the alert webhook client; webhooks are off");
+            while rx.recv().await.is_some() {
+                health
+                    .counters
+                    .webhook_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    };
+    while let Some((url, body)) = rx.recv().await {
+        let mut delivered = false;
+        for attempt in 0..WEBHOOK_ATTEMPTS {
+            match client.post(&url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {
+                    delivered = true;
+                    break;
+                }
+                Ok(r) => {
+                    tracing::warn!(status = %r.status(), attempt, "alert webhook refused the alert")
+                }
+                Err(e) => tracing::warn!(error = %e.without_url(), attempt, "alert webhook failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+        }
+        if !delivered {
+            health
+                .counters
+                .webhook_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

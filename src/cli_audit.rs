@@ -1,0 +1,277 @@
+//! `idgate audit …`: `migrate`, `query`, `follow` and `summary` for security analysts, over the
+//! PostgreSQL store (`--database-url`, better through `IDGATE_AUDIT_DATABASE_URL` so the password
+//! stays out of `ps`) or a spool directory / JSON-lines file (`--spool`, `--file`).
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use idgate::audit::{
+    pg,
+    query::{self, Filter, OutputFormat, Tail},
+};
+
+/// Rows fetched per query round trip.
+const PAGE: i64 = 5000;
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Create or upgrade the audit tables (migrations/*.sql) in the audit database.
+    Migrate {
+        /// PostgreSQL URL of the audit database.
+        #[arg(long, env = "IDGATE_AUDIT_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Print the events that match the filters (oldest first).
+    Query(Box<QueryArgs>),
+    /// Print matching events as they arrive (Ctrl-C stops).
+    Follow(Box<QueryArgs>),
+    /// Logins and refusals per user, per reason, per pool; top client addresses with failures.
+    Summary(Box<QueryArgs>),
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// PostgreSQL URL of the audit store.
+    #[arg(long, env = "IDGATE_AUDIT_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Spool directory to read instead of the database.
+    #[arg(long, conflicts_with = "file")]
+    spool: Option<PathBuf>,
+    /// JSON-lines file (the file sink, native format) to read instead of the database.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Only events newer than this (e.g. 1h, 30m, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only events at or after this RFC 3339 UTC time.
+    #[arg(long)]
+    from: Option<String>,
+    /// Only events before this RFC 3339 UTC time.
+    #[arg(long)]
+    to: Option<String>,
+    /// Database user (with or without the `aad:` namespace) or startup user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Tenant id.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// success or failure.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// Refusal reason, e.g. token_expired.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Pool name.
+    #[arg(long)]
+    pool: Option<String>,
+    /// Client IP address.
+    #[arg(long)]
+    client_addr: Option<String>,
+    /// Session id.
+    #[arg(long)]
+    session: Option<String>,
+    /// Event kind, e.g. auth_failed.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// At most this many events (query).
+    #[arg(long, default_value_t = 10_000)]
+    limit: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+impl From<Format> for OutputFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Table => OutputFormat::Table,
+            Format::Json => OutputFormat::Json,
+            Format::Csv => OutputFormat::Csv,
+        }
+    }
+}
+
+enum Source {
+    Db(tokio_postgres::Client),
+    Path(PathBuf),
+}
+
+impl QueryArgs {
+    fn filter(&self) -> anyhow::Result<Filter> {
+        let mut from = self.from.as_deref().map(query::rfc3339).transpose()?;
+        if let Some(s) = &self.since {
+            let t = query::since(s)?;
+            from = Some(from.map_or(t, |f| f.max(t)));
+        }
+        Ok(Filter {
+            from,
+            to: self.to.as_deref().map(query::rfc3339).transpose()?,
+            user: self.user.clone(),
+            tenant: self.tenant.clone(),
+            outcome: self.outcome.as_deref().map(query::outcome).transpose()?,
+            reason: self.reason.clone(),
+            pool: self.pool.clone(),
+            client_addr: self.client_addr.clone(),
+            session: self.session.clone(),
+            kind: self.kind.clone(),
+        })
+    }
+
+    async fn source(&self) -> anyhow::Result<Source> {
+        if let Some(p) = self.spool.as_ref().or(self.file.as_ref()) {
+            return Ok(Source::Path(p.clone()));
+        }
+        match &self.database_url {
+            Some(url) => Ok(Source::Db(pg::connect(url).await?)),
+            None => bail!("say where the events are: --database-url (or IDGATE_AUDIT_DATABASE_URL), --spool DIR or --file FILE"),
+        }
+    }
+}
+
+/// Load every matching event (up to `limit`).
+async fn load(
+    source: &Source,
+    filter: &Filter,
+    limit: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    match source {
+        Source::Path(p) => {
+            let mut events: Vec<_> = query::read_path(p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect();
+            events.truncate(limit);
+            Ok(events)
+        }
+        Source::Db(client) => {
+            let (sql, params) = filter.sql();
+            let mut out = Vec::new();
+            let mut after = 0i64;
+            while out.len() < limit {
+                let page = pg::fetch(
+                    client,
+                    &sql,
+                    &params,
+                    after,
+                    i64::try_from(limit - out.len()).unwrap_or(PAGE).min(PAGE),
+                )
+                .await?;
+                let Some((last, _)) = page.last() else { break };
+                after = *last;
+                let n = page.len();
+                out.extend(page.into_iter().map(|(_, e)| e));
+                if (n as i64) < PAGE {
+                    break;
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Migrate { database_url } => {
+            let mut client = pg::connect(&database_url).await?;
+            let applied = pg::migrate(&mut client).await?;
+            if applied.is_empty() {
+                println!("audit database is up to date");
+            } else {
+                println!("applied migration(s) {applied:?}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Query(args) => {
+            let filter = args.filter()?;
+            let source = args.source().await?;
+            let events = load(&source, &filter, args.limit).await?;
+            print!("{}", query::render(&events, args.format.into()));
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Summary(args) => {
+            let filter = args.filter()?;
+            let source = args.source().await?;
+            let events = load(&source, &filter, usize::MAX).await?;
+            let summary = query::summarize(&events);
+            match args.format {
+                Format::Json => println!("{}", serde_json::to_string(&summary)?),
+                Format::Table | Format::Csv => print!("{summary}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Follow(args) => follow(args).await,
+    }
+}
+
+async fn follow(args: Box<QueryArgs>) -> anyhow::Result<ExitCode> {
+    let filter = args.filter()?;
+    let source = args.source().await?;
+    let format: OutputFormat = args.format.into();
+    let history = filter.from.is_some();
+    let print = |events: &[serde_json::Value], header: bool| {
+        let events: Vec<_> = events
+            .iter()
+            .filter(|e| filter.matches(e))
+            .cloned()
+            .collect();
+        if events.is_empty() && !header {
+            return;
+        }
+        let text = query::render(&events, format);
+        // Header once; afterwards only rows.
+        let body = if header || format == OutputFormat::Json {
+            text
+        } else {
+            text.split_once('\n')
+                .map(|(_, rest)| rest.to_owned())
+                .unwrap_or_default()
+        };
+        print!("{body}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    };
+    match source {
+        Source::Path(p) => {
+            let mut tail =
+                Tail::new(&p, history).with_context(|| format!("cannot read {}", p.display()))?;
+            let mut header = true;
+            loop {
+                let events = tail.poll()?;
+                print(&events, header);
+                header = false;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Source::Db(client) => {
+            let (sql, params) = filter.sql();
+            let mut after: i64 = if history {
+                0
+            } else {
+                client
+                    .query_one("SELECT coalesce(max(seq), 0) FROM audit_events", &[])
+                    .await?
+                    .get(0)
+            };
+            let mut header = true;
+            loop {
+                let page = pg::fetch(&client, &sql, &params, after, PAGE).await?;
+                if let Some((last, _)) = page.last() {
+                    after = *last;
+                }
+                let events: Vec<_> = page.into_iter().map(|(_, e)| e).collect();
+                print(&events, header);
+                header = false;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
