@@ -75,7 +75,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let body = gw.metrics.render(&gw.snapshot()).await;
+    let body = gw.metrics.render(&gw.snapshot(), &gw.audit.stats()).await;
     (
         [(
             header::CONTENT_TYPE,

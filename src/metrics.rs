@@ -63,6 +63,13 @@ pub struct RouteLabels {
     pub pool: String,
 }
 
+/// `{state}` / `{kind}` for audit counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    /// `recorded`, `spooled`, `shipped`, `dropped` (events) or `spool`, `ship`, `webhook` (errors).
+    pub what: String,
+}
+
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -91,6 +98,11 @@ pub struct Metrics {
     jwks_failures: Counter,
     jwks_key_age: Gauge,
     token_cache_hits: Counter,
+    audit_events: Family<AuditLabels, Counter>,
+    audit_errors: Family<AuditLabels, Counter>,
+    audit_alerts: Counter,
+    audit_refused: Counter,
+    audit_healthy: Gauge,
 }
 
 impl Default for Metrics {
@@ -118,6 +130,11 @@ impl Metrics {
             jwks_failures: Counter::default(),
             jwks_key_age: Gauge::default(),
             token_cache_hits: Counter::default(),
+            audit_events: Family::default(),
+            audit_errors: Family::default(),
+            audit_alerts: Counter::default(),
+            audit_refused: Counter::default(),
+            audit_healthy: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -190,11 +207,64 @@ impl Metrics {
             "Logins answered from the validated-token cache",
             m.token_cache_hits.clone(),
         );
+        registry.register(
+            "audit_events",
+            "Audit events by state (recorded, spooled, shipped, dropped)",
+            m.audit_events.clone(),
+        );
+        registry.register(
+            "audit_errors",
+            "Audit errors by kind (spool, ship, webhook)",
+            m.audit_errors.clone(),
+        );
+        registry.register(
+            "audit_alerts_fired",
+            "Alert rules that fired",
+            m.audit_alerts.clone(),
+        );
+        registry.register(
+            "audit_sessions_refused",
+            "Sessions refused because the audit spool could not be written (fail_closed)",
+            m.audit_refused.clone(),
+        );
+        registry.register(
+            "audit_healthy",
+            "1 while the audit spool can be written",
+            m.audit_healthy.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Render the text exposition, refreshing state gauges from `snapshot` first.
-    pub async fn render(&self, snapshot: &Snapshot) -> String {
+    pub async fn render(&self, snapshot: &Snapshot, audit: &crate::audit::AuditStats) -> String {
+        for (what, total) in [
+            ("recorded", audit.recorded),
+            ("spooled", audit.spooled),
+            ("shipped", audit.shipped),
+            ("dropped", audit.dropped),
+        ] {
+            catch_up(
+                &self
+                    .audit_events
+                    .get_or_create(&AuditLabels { what: what.into() }),
+                total,
+            );
+        }
+        for (what, total) in [
+            ("spool", audit.spool_errors),
+            ("ship", audit.ship_errors),
+            ("webhook", audit.webhook_failures),
+        ] {
+            catch_up(
+                &self
+                    .audit_errors
+                    .get_or_create(&AuditLabels { what: what.into() }),
+                total,
+            );
+        }
+        catch_up(&self.audit_alerts, audit.alerts_fired);
+        catch_up(&self.audit_refused, audit.sessions_refused);
+        self.audit_healthy.set(i64::from(audit.healthy));
         self.active.clear();
         self.target_up.clear();
         self.healthy.clear();

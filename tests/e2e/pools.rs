@@ -542,6 +542,11 @@ async fn metrics_move_as_sessions_come_and_go() {
     assert!(metric(&after, "idgate_backend_login_seconds_count") >= 1.0);
     assert!(after.contains("idgate_pool_healthy_targets{pool=\"main\"}"));
     assert!(metric(&after, "idgate_jwks_fetches_total") >= 1.0);
+    assert_eq!(metric(&after, "idgate_audit_healthy"), 1.0);
+    assert!(
+        metric(&after, "idgate_audit_events_total{what=\"spooled\"}") >= 5.0,
+        "{after}"
+    );
 }
 
 #[tokio::test]
