@@ -232,6 +232,12 @@ impl Metrics {
             "1 while the audit spool can be written",
             m.audit_healthy.clone(),
         );
+        // Known label values start at zero, so dashboards show them before the first event.
+        for outcome in ["ok", "invalid"] {
+            m.reloads.get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            });
+        }
         Metrics { registry, ..m }
     }
 

@@ -112,10 +112,26 @@ fn shipped_configs_pass_check_config() {
             d.path().join("example.toml"),
         )
         .unwrap();
-        (
-            d,
-            vec![("IDGATE_BACKEND_PASSWORD".to_owned(), "from-env".to_owned())],
-        )
+        let ca = idgate()
+            .args(["ca", "init", "--dir"])
+            .arg(d.path().join("certs"))
+            .output()
+            .unwrap();
+        assert!(
+            ca.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ca.stderr)
+        );
+        let vars = [
+            "IDGATE_BACKEND_PASSWORD",
+            "IDGATE_PROBE_PASSWORD",
+            "IDGATE_ADMIN_TOKEN",
+        ];
+        let env: Vec<(String, String)> = vars
+            .iter()
+            .map(|v| (v.to_string(), "from-env".to_owned()))
+            .collect();
+        (d, env)
     };
     let out = idgate()
         .arg("check-config")

@@ -543,6 +543,33 @@ async fn metrics_move_as_sessions_come_and_go() {
     assert!(after.contains("idgate_pool_healthy_targets{pool=\"main\"}"));
     assert!(metric(&after, "idgate_jwks_fetches_total") >= 1.0);
     assert_eq!(metric(&after, "idgate_audit_healthy"), 1.0);
+    // Every metric the shipped Grafana dashboard queries exists.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(crate::harness::repo_root().join("docs/grafana-dashboard.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("idgate_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                queried.push(name);
+            }
+        }
+    }
+    assert!(queried.len() > 10);
+    for name in queried {
+        let base = name.trim_end_matches("_bucket");
+        assert!(
+            after.lines().any(|l| l.starts_with(base)),
+            "dashboard queries {name}, which /metrics lacks"
+        );
+    }
     assert!(
         metric(&after, "idgate_audit_events_total{what=\"spooled\"}") >= 5.0,
         "{after}"
