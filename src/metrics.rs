@@ -234,9 +234,11 @@ impl Metrics {
         );
         // Known label values start at zero, so dashboards show them before the first event.
         for outcome in ["ok", "invalid"] {
-            m.reloads.get_or_create(&OutcomeLabels {
-                outcome: outcome.into(),
-            });
+            m.reloads
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.into(),
+                })
+                .inc_by(0);
         }
         Metrics { registry, ..m }
     }
