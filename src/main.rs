@@ -295,22 +295,7 @@ fn spawn_sighup(tx: tokio::sync::mpsc::Sender<()>) {
     });
 }
 
-/// SIGTERM / SIGINT cancel `token`.
+/// SIGTERM / SIGINT cancel `token` (a second signal is ignored: there is no grace period to skip).
 pub(crate) fn spawn_signal_handler(token: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install SIGTERM handler");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutting down");
-        token.cancel();
-    });
+    spawn_signal_handler_two_stage(token, CancellationToken::new());
 }

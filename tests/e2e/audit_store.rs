@@ -19,7 +19,7 @@ use idgate::{
 };
 use serde_json::{json, Value};
 
-use crate::harness::{sqlstate, Env, EnvOptions, ALICE, APP_GUID, TENANT};
+use crate::harness::{free_port, sqlstate, Env, EnvOptions, ALICE, APP_GUID, TENANT};
 
 /// Put in the audit URL (trust auth ignores it) so tests can check it never leaks.
 pub const AUDIT_DB_PASSWORD: &str = "audit-db-secret-pw-7f3a";
@@ -229,14 +229,6 @@ async fn wait_listening(port: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("idgate did not start listening on {port}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

@@ -26,6 +26,15 @@ pub const ALICE: &str = "alice@contoso.example";
 pub const BOB: &str = "bob@contoso.example";
 pub const ANALYSTS_GROUP: &str = "0b6a9a3e-6f4a-4c1e-9a7e-0c5d1f7e2a11";
 
+/// A port nothing listens on right now (for processes that must bind a fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Whether a missing tool must fail the test (set by `.ci/run`).
 pub fn require_all() -> bool {
     std::env::var("IDGATE_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1")

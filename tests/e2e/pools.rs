@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use idgate::devidp::TokenSpec;
 
-use crate::harness::{sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP};
+use crate::harness::{free_port, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP};
 
 fn three_pools() -> EnvOptions {
     EnvOptions {
@@ -595,14 +595,6 @@ async fn the_admin_api_requires_the_bearer_token_when_configured() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,15 +6,7 @@ use std::{
     time::Duration,
 };
 
-use crate::harness::{Env, EnvOptions, ALICE};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::harness::{free_port, Env, EnvOptions, ALICE};
 
 /// Run `idgate serve` with `otlp_endpoint`, log in once, stop it; returns whether the login worked.
 async fn serve_once(env: &Env, endpoint: &str) -> bool {
