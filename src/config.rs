@@ -453,6 +453,9 @@ pub struct RawAudit {
     pub query_audit_max_len: usize,
     /// `[[audit.alerts]]`: brute-force rules. _Default:_ none.
     pub alerts: Vec<RawAlertRule>,
+    /// OTLP/HTTP collector base URL for audit events as OpenTelemetry log records
+    /// (`{endpoint}/v1/logs`, JSON encoding), e.g. `"http://otel-collector:4318"`. _Default:_ none.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for RawAudit {
@@ -475,6 +478,7 @@ impl Default for RawAudit {
             query_audit_pools: Vec::new(),
             query_audit_max_len: 2048,
             alerts: Vec::new(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -864,6 +868,8 @@ pub struct AuditConfig {
     pub query_audit_max_len: usize,
     /// Brute-force alert rules.
     pub alerts: Vec<AlertRule>,
+    /// OTLP/HTTP logs endpoint (base URL).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl AuditConfig {
@@ -887,6 +893,7 @@ impl AuditConfig {
             query_audit_pools: Vec::new(),
             query_audit_max_len: raw.query_audit_max_len,
             alerts: Vec::new(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -1416,6 +1423,14 @@ impl Validator<'_> {
                 webhook_url: r.webhook_url,
             });
         }
+        if let Some(url) = raw.otlp_endpoint.as_deref().filter(|u| !u.is_empty()) {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.issue(
+                    "audit.otlp_endpoint",
+                    "must be an http(s) URL such as \"http://otel-collector:4318\"",
+                );
+            }
+        }
         AuditConfig {
             file_path: raw.file_path.map(|p| self.resolve(&p)),
             file_format: self.audit_format("audit.file_format", &raw.file_format),
@@ -1433,6 +1448,7 @@ impl Validator<'_> {
             query_audit_pools: raw.query_audit_pools,
             query_audit_max_len: raw.query_audit_max_len,
             alerts,
+            otlp_endpoint: raw.otlp_endpoint.filter(|e| !e.is_empty()),
         }
     }
 

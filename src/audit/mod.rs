@@ -17,6 +17,7 @@
 
 pub mod alert;
 pub mod ocsf;
+pub mod otlp;
 pub mod pg;
 pub mod query;
 mod ship;
@@ -327,6 +328,9 @@ impl AuditLog {
                 pg::migrate(&mut client).await?;
             }
             sinks.push(ship::Sink::postgres(url.clone()));
+        }
+        if let Some(endpoint) = &config.otlp_endpoint {
+            sinks.push(ship::Sink::otlp(endpoint));
         }
         let cursors = spool::Cursors::default();
         for sink in &sinks {

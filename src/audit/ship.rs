@@ -13,7 +13,7 @@ use std::{
 use tokio::{io::AsyncWriteExt, sync::watch};
 
 use super::{
-    ocsf, pg,
+    ocsf, otlp, pg,
     spool::{self, Cursors, Durable, SpoolPos},
     Health,
 };
@@ -35,6 +35,9 @@ pub enum ShipError {
     /// The PostgreSQL store failed.
     #[error(transparent)]
     Postgres(#[from] pg::PgAuditError),
+    /// The OTLP collector failed.
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
     /// The delivery took longer than the limit.
     #[error("delivery timed out")]
     Timeout,
@@ -52,6 +55,8 @@ pub(crate) enum Sink {
     Stdout { format: AuditFormat },
     /// The PostgreSQL store.
     Postgres(pg::PgSink),
+    /// An OpenTelemetry collector (OTLP/HTTP logs).
+    Otlp(otlp::OtlpSink),
 }
 
 impl Sink {
@@ -71,12 +76,17 @@ impl Sink {
         Sink::Postgres(pg::PgSink::new(url))
     }
 
+    pub(crate) fn otlp(endpoint: &str) -> Self {
+        Sink::Otlp(otlp::OtlpSink::new(endpoint))
+    }
+
     /// The cursor name.
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Sink::File { .. } => "file",
             Sink::Stdout { .. } => "stdout",
             Sink::Postgres(_) => "postgres",
+            Sink::Otlp(_) => "otlp",
         }
     }
 
@@ -115,6 +125,7 @@ impl Sink {
                 Ok(out.flush().await?)
             }
             Sink::Postgres(sink) => Ok(sink.deliver(events).await?),
+            Sink::Otlp(sink) => Ok(sink.deliver(events).await?),
         }
     }
 }

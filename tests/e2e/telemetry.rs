@@ -118,3 +118,98 @@ async fn an_absent_collector_breaks_nothing() {
         "login through idgate with an unreachable collector"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_reach_an_otlp_collector_and_survive_its_outage() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A collector that is down (503) for its first three requests.
+    let records: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (store, count) = (records.clone(), calls.clone());
+    let app = axum::Router::new().route(
+        "/v1/logs",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (store, count) = (store.clone(), count.clone());
+            async move {
+                if count.fetch_add(1, Ordering::SeqCst) < 3 {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                for rl in v["resourceLogs"].as_array().unwrap() {
+                    for sl in rl["scopeLogs"].as_array().unwrap() {
+                        store
+                            .lock()
+                            .unwrap()
+                            .extend(sl["logRecords"].as_array().unwrap().iter().cloned());
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(move |c, _| c.audit.otlp_endpoint = Some(endpoint)),
+        ..EnvOptions::default()
+    })
+    .await;
+    let c = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    drop(c);
+    let bad = env.token(ALICE).replace('.', "");
+    assert!(env.pg_connect(Some(ALICE), &bad).await.is_err());
+    // Every event in the file sink reaches the collector once it is back (at least once).
+    let wanted = env.wait_event(|e| e["kind"] == "auth_failed").await;
+    let mut missing = Vec::new();
+    for _ in 0..200 {
+        let have: Vec<String> = records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| {
+                r["attributes"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|x| x["key"] == "idgate.event_id"))
+                    .and_then(|x| x["value"]["stringValue"].as_str().map(str::to_owned))
+            })
+            .collect();
+        missing = env
+            .audit_events()
+            .iter()
+            .filter_map(|e| e["event_id"].as_str().map(str::to_owned))
+            .filter(|id| !have.contains(id))
+            .collect();
+        if missing.is_empty() && have.contains(&wanted["event_id"].as_str().unwrap().to_owned()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        missing.is_empty(),
+        "events never shipped over OTLP: {missing:?}"
+    );
+    assert!(calls.load(Ordering::SeqCst) > 3, "the outage was retried");
+    let recs = records.lock().unwrap();
+    let failed = recs
+        .iter()
+        .find(|r| {
+            r["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["value"]["stringValue"] == "auth_failed")
+        })
+        .unwrap();
+    assert_eq!(failed["severityText"], "WARN");
+    assert!(failed["body"]["stringValue"]
+        .as_str()
+        .unwrap()
+        .contains("malformed_token"));
+    let all = serde_json::to_string(&*recs).unwrap();
+    assert!(!all.contains(&bad), "a token reached the collector");
+}
