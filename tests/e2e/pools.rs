@@ -718,3 +718,64 @@ async fn the_binary_reloads_on_sighup_and_stops_gracefully_on_sigterm() {
         "the session was closed"
     );
 }
+
+async fn connect_trusting(
+    env: &Env,
+    ca_pem: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in idgate::net::tls::parse_certs(ca_pem.as_bytes(), "ca").unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("localhost")
+        .port(env.port())
+        .dbname("dev")
+        .user(ALICE)
+        .password(env.token(ALICE));
+    cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, conn) = cfg
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+#[tokio::test]
+async fn reload_swaps_the_listener_certificate_and_reports_settings_that_need_a_restart() {
+    let env = Env::with(EnvOptions {
+        admin: true,
+        ..EnvOptions::default()
+    })
+    .await;
+    let old_ca = env.ca_pem.clone();
+    assert!(connect_trusting(&env, &old_ca).await.is_ok());
+    let ca2 = idgate::devcerts::DevCa::new("rotated CA").unwrap();
+    let leaf = ca2.server_cert(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(env.dir.path().join("idgate2.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(env.dir.path().join("idgate2-key.pem"), &leaf.key_pem).unwrap();
+    let text = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("\"idgate.pem\"", "\"idgate2.pem\"")
+        .replace("\"idgate-key.pem\"", "\"idgate2-key.pem\"")
+        .replace("addr = \"127.0.0.1:0\"", "addr = \"127.0.0.1:1\"");
+    std::fs::write(&env.config_path, text).unwrap();
+    let (status, body) = env.admin("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report["needs_restart"],
+        serde_json::json!(["listener.addr"])
+    );
+    // New connections see the new certificate; the old CA no longer verifies it.
+    let c = connect_trusting(&env, &ca2.cert_pem()).await.unwrap();
+    assert_eq!(Env::whoami(&c).await, "wg0");
+    assert!(connect_trusting(&env, &old_ca).await.is_err());
+}
