@@ -106,13 +106,16 @@ def main():
         # PostgreSQL with TLS; SCRAM for the benchmark role, trust for idgate's mapped user.
         data = os.path.join(work, "data")
         os.mkdir(data)
+        sock = os.path.join(work, "sock")
+        os.mkdir(sock)
         if os.geteuid() == 0:
             shutil.chown(data, "postgres", "postgres")
+            shutil.chown(sock, "postgres", "postgres")
         b = bindir()
         as_postgres([os.path.join(b, "initdb"), "-D", data, "-U", "postgres", "-A", "trust"])
         pg_port = free_port()
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
-            f.write(f"port = {pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{work}'\n"
+            f.write(f"port = {pg_port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{sock}'\n"
                     f"max_connections = 300\nssl = on\nssl_cert_file = '{work}/idgate.pem'\n"
                     f"ssl_key_file = '{work}/idgate-key.pem'\nfsync = off\nsynchronous_commit = off\n"
                     "password_encryption = 'scram-sha-256'\n")
@@ -121,12 +124,12 @@ def main():
                     "host all bench 127.0.0.1/32 scram-sha-256\n"
                     "host all \"aad:alice@contoso.example\" 127.0.0.1/32 trust\n"
                     "host all postgres 127.0.0.1/32 trust\n")
-        as_postgres([os.path.join(b, "pg_ctl"), "-D", data, "-l", os.path.join(work, "pg.log"), "-w", "start"])
-        psql = ["psql", "-h", work, "-p", str(pg_port), "-U", "postgres", "-q", "-v", "ON_ERROR_STOP=1"]
+        as_postgres([os.path.join(b, "pg_ctl"), "-D", data, "-l", os.path.join(data, "pg.log"), "-w", "start"])
+        psql = ["psql", "-h", sock, "-p", str(pg_port), "-U", "postgres", "-q", "-v", "ON_ERROR_STOP=1"]
         subprocess.run(psql + ["-c", "CREATE DATABASE bench"], check=True)
         subprocess.run(psql + ["-c", "CREATE ROLE bench LOGIN PASSWORD 'bench'; "
                                      "CREATE ROLE \"aad:alice@contoso.example\" LOGIN"], check=True)
-        subprocess.run(["pgbench", "-h", work, "-p", str(pg_port), "-U", "postgres", "-i", "-q", "-s", "10", "bench"],
+        subprocess.run(["pgbench", "-h", sock, "-p", str(pg_port), "-U", "postgres", "-i", "-q", "-s", "10", "bench"],
                        check=True, capture_output=True)
         subprocess.run(psql + ["-d", "bench", "-c", "GRANT SELECT ON ALL TABLES IN SCHEMA public TO bench, "
                                "\"aad:alice@contoso.example\""], check=True)
@@ -141,7 +144,7 @@ def main():
                     f"auth_type = scram-sha-256\nauth_file = {work}/userlist.txt\npool_mode = session\n"
                     f"max_client_conn = 500\ndefault_pool_size = 50\nclient_tls_sslmode = require\n"
                     f"client_tls_cert_file = {work}/idgate.pem\nclient_tls_key_file = {work}/idgate-key.pem\n"
-                    f"server_tls_sslmode = disable\nunix_socket_dir =\nlogfile = {work}/pgbouncer.log\n")
+                    f"server_tls_sslmode = disable\nunix_socket_dir =\n")
         for f in ["userlist.txt", "pgbouncer.ini"]:
             if os.geteuid() == 0:
                 shutil.chown(os.path.join(work, f), "postgres", "postgres")

@@ -1112,6 +1112,15 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration that must be greater than zero (a zero timeout would refuse everything).
+    fn positive_duration(&mut self, path: &str, value: &str) -> Duration {
+        let d = self.duration(path, value);
+        if d.is_zero() && humantime::parse_duration(value).is_ok() {
+            self.issue(path, "must be greater than zero");
+        }
+        d
+    }
+
     fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -1462,7 +1471,8 @@ impl Validator<'_> {
                 ),
             )
         });
-        let handshake_timeout = self.duration("listener.handshake_timeout", &raw.handshake_timeout);
+        let handshake_timeout =
+            self.positive_duration("listener.handshake_timeout", &raw.handshake_timeout);
         if raw.max_connections == 0 {
             self.issue("listener.max_connections", "must be at least 1");
         }
@@ -1559,6 +1569,11 @@ impl Validator<'_> {
                 format!("{p}.audiences"),
                 "list the accepted audiences (api://<app> and/or the app's GUID)",
             );
+        }
+        for (j, a) in raw.audiences.iter().enumerate() {
+            if a.trim().is_empty() {
+                self.issue(format!("{p}.audiences[{j}]"), "an audience cannot be empty");
+            }
         }
         let mut versions = Vec::new();
         for (j, v) in raw.accept_versions.iter().enumerate() {
@@ -1915,13 +1930,15 @@ impl Validator<'_> {
             kind,
             backend_auth: backend_auth?,
             backend_tls,
-            connect_timeout: self.duration(&format!("{p}.connect_timeout"), &raw.connect_timeout),
-            login_timeout: self.duration(&format!("{p}.login_timeout"), &raw.login_timeout),
+            connect_timeout: self
+                .positive_duration(&format!("{p}.connect_timeout"), &raw.connect_timeout),
+            login_timeout: self
+                .positive_duration(&format!("{p}.login_timeout"), &raw.login_timeout),
             balance,
             when_all_unhealthy,
             allowed_groups: raw.allowed_groups,
             allowed_app_roles: raw.allowed_app_roles,
-            retry_budget: self.duration(&format!("{p}.retry_budget"), &raw.retry_budget),
+            retry_budget: self.positive_duration(&format!("{p}.retry_budget"), &raw.retry_budget),
             targets,
             provisioning,
         })
@@ -2108,6 +2125,15 @@ backend_auth = "password"
 targets = [{ addr = "no-port" }]
 "#;
         let err = Config::from_toml(bad, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        let zero = MINIMAL.replace(
+            "allow_plaintext = true",
+            "allow_plaintext = true\nhandshake_timeout = \"0s\"",
+        );
+        let zero_err = Config::from_toml(&zero, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        assert!(zero_err
+            .issues
+            .iter()
+            .any(|i| i.path == "listener.handshake_timeout"));
         let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
         for want in [
             "listener.colour",

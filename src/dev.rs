@@ -209,7 +209,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     write(&dir.join("idgate-key.pem"), &server.key_pem)?;
 
     let cancel = CancellationToken::new();
-    crate::spawn_signal_handler(cancel.clone());
+    let fast = CancellationToken::new();
+    crate::spawn_signal_handler_two_stage(cancel.clone(), fast.clone());
     let idp_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let idp = DevIdp::start(
         idp_listener,
@@ -242,7 +243,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             r#"CREATE ROLE "aad:alice@contoso.example" LOGIN;
                CREATE ROLE "aad:bob@contoso.example" LOGIN;
                CREATE TABLE demo (id int PRIMARY KEY, note text);
-               INSERT INTO demo VALUES (1, 'hello from behind idgate'), (2, 'this row is only visible to alice');
+               INSERT INTO demo VALUES (1, 'hello from behind idgate'), (2, 'bob has no SELECT on this table');
                GRANT SELECT ON demo TO "aad:alice@contoso.example";"#,
         )
         .await?;
@@ -323,12 +324,25 @@ file_path = "audit.jsonl"
     );
     println!();
     println!(
-        "more tokens: curl -s -d grant_type=password -d client_id=cli -d username=bob@contoso.example -d password=dev -d scope=api://idgate/jdbc_login {}/{}/oauth2/v2.0/token",
+        "a token for bob (not granted SELECT on demo): curl -s -d grant_type=password -d client_id=cli -d username=bob@contoso.example -d password=dev -d scope=api://idgate/jdbc_login {}/{}/oauth2/v2.0/token | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])' > bob.token",
         idp.authority(),
         DEV_TENANT
     );
 
-    idgate::run(listener, config, cancel.clone()).await?;
+    let options = idgate::RunOptions {
+        fast_shutdown: fast,
+        ..Default::default()
+    };
+    idgate::run_with(
+        idgate::Listeners {
+            client: listener,
+            admin: None,
+        },
+        config,
+        options,
+        cancel.clone(),
+    )
+    .await?;
     drop(cluster);
     drop(work);
     println!("stopped; temporary files removed");
@@ -336,5 +350,16 @@ file_path = "audit.jsonl"
 }
 
 fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
-    std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))?;
+    // Keys and tokens stay private to the user, even in a shared /tmp.
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if name.ends_with("key.pem") || name.ends_with(".token") {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", path.display()))?;
+    }
+    Ok(())
 }

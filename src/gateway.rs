@@ -366,7 +366,7 @@ pub async fn run_with(
     drop(listener);
     gw.draining.store(true, Ordering::Release);
     sessions.close();
-    tracing::info!(sessions = sessions.len(), grace = ?grace, "shutting down: no new connections; waiting for sessions");
+    tracing::info!(sessions = sessions.len(), grace = ?grace, "shutting down: no new connections; waiting for sessions (a second signal skips the wait)");
     tokio::select! {
         _ = sessions.wait() => {}
         _ = tokio::time::sleep(grace) => {}

@@ -119,7 +119,7 @@ pub fn map_identity(
         let matches = sent.eq_ignore_ascii_case(&db_user) || sent.eq_ignore_ascii_case(&name);
         if !matches {
             return Err(IdentityError::UserMismatch {
-                client: sent.to_owned(),
+                client: crate::types::redact_tokens(sent).into_owned(),
                 mapped: db_user,
             });
         }

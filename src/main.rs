@@ -257,7 +257,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<ExitCode> {
 }
 
 /// First SIGTERM/SIGINT cancels `graceful`; a second one cancels `fast` (skip the grace period).
-fn spawn_signal_handler_two_stage(graceful: CancellationToken, fast: CancellationToken) {
+pub(crate) fn spawn_signal_handler_two_stage(graceful: CancellationToken, fast: CancellationToken) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -278,9 +278,14 @@ impl TokenError {
             TokenError::JwksUnavailable { .. } => Cow::Borrowed(
                 "authentication failed: the identity provider's signing keys could not be fetched; try again later",
             ),
-            TokenError::TooLarge { .. }
-            | TokenError::Jwe
-            | TokenError::Malformed { .. }
+            // The client can see both facts itself: no oracle.
+            TokenError::TooLarge { .. } => {
+                Cow::Borrowed("authentication failed: the access token is larger than 64 KiB")
+            }
+            TokenError::Malformed { .. } => Cow::Borrowed(
+                "authentication failed: the password is not an access token; send a Microsoft Entra ID access token issued for this gateway",
+            ),
+            TokenError::Jwe
             | TokenError::AlgNotAllowed { .. }
             | TokenError::TypNotAllowed { .. }
             | TokenError::KidMissing
@@ -322,8 +327,8 @@ impl TokenError {
         match self {
             TokenError::JwksUnavailable { .. } => true,
             TokenError::TooLarge { .. }
-            | TokenError::Jwe
             | TokenError::Malformed { .. }
+            | TokenError::Jwe
             | TokenError::AlgNotAllowed { .. }
             | TokenError::TypNotAllowed { .. }
             | TokenError::KidMissing

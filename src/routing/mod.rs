@@ -129,7 +129,7 @@ pub fn route(config: &Config, input: &RouteInput<'_>) -> Result<RouteDecision, R
             .iter()
             .position(|p| p.name == name)
             .ok_or_else(|| RouteError::UnknownPool {
-                name: name.to_owned(),
+                name: crate::types::redact_tokens(name).into_owned(),
                 rule,
             })
     };

@@ -157,13 +157,18 @@ impl UserFacing for HandshakeError {
                 "direct TLS connections must offer ALPN \"postgresql\" (use sslnegotiation=postgres or a PostgreSQL 17 client)".into()
             }
             HandshakeError::UnexpectedRequest(what) => format!("protocol violation: unexpected {what}").into(),
+            HandshakeError::UnexpectedMessage { expected: 'i', .. } => {
+                "protocol violation: expected the access token in an 'i' message (Redshift native IdP)".into()
+            }
             HandshakeError::UnexpectedMessage { .. } => {
-                "protocol violation: expected the access token (password message)".into()
+                "protocol violation: expected the access token as the password ('p' message)".into()
             }
             HandshakeError::Frame(FrameError::TooLong { .. }) => {
                 "authentication failed: the access token is larger than 64 KiB".into()
             }
-            HandshakeError::BadTokenEncoding => "authentication failed: no access token was sent as the password".into(),
+            HandshakeError::BadTokenEncoding => {
+                "authentication failed: the access token is empty or not text; send a Microsoft Entra ID access token".into()
+            }
             HandshakeError::Disconnected(_) | HandshakeError::Tls(_) | HandshakeError::Frame(_) => {
                 "protocol violation".into()
             }
@@ -364,7 +369,11 @@ pub async fn read_token(
     if body.last() == Some(&0) {
         body.pop();
     }
-    let token = String::from_utf8(body).map_err(|_| HandshakeError::BadTokenEncoding)?;
+    let mut token = String::from_utf8(body).map_err(|_| HandshakeError::BadTokenEncoding)?;
+    // A token read from a file often ends in a newline (`az … -o tsv > f`); a JWT never
+    // contains whitespace, so trailing whitespace is dropped rather than refused.
+    let trimmed = token.trim_end().len();
+    token.truncate(trimmed);
     if token.is_empty() {
         return Err(HandshakeError::BadTokenEncoding);
     }

@@ -29,6 +29,7 @@ use crate::{
     protocol::messages::{self, Severity},
     relay::{query_audit::QueryTap, relay_with_tap, RelayError},
     routing::{self, pool::ActiveSession, RouteError, RouteInput},
+    types::redact_tokens,
 };
 use context::SessionContext;
 use handshake::{Handshake, HandshakeError, TokenCarriage};
@@ -88,7 +89,8 @@ impl Reportable for SessionError {
             SessionError::Connect(e) => e.kind(),
             SessionError::Route(e) => e.kind(),
             SessionError::AllUnhealthy(_) => ErrorKind::BackendUnavailable,
-            SessionError::HandshakeTimeout => ErrorKind::ClientDisconnect,
+            // The client stalled; it still gets an ErrorResponse when a stream is open.
+            SessionError::HandshakeTimeout => ErrorKind::User,
             SessionError::TooManyConnections => ErrorKind::RateLimit,
             SessionError::Shutdown => ErrorKind::Shutdown,
             SessionError::AuditUnavailable => ErrorKind::Internal,
@@ -211,8 +213,10 @@ pub async fn handle_client(
                         Some(format!("{detail}: {e}")),
                     ),
                 }
+            } else {
+                // Unknown keys are dropped silently, as PostgreSQL does; the audit trail says so.
+                ctx.set_end_reason("cancel_request_unknown_key");
             }
-            // Unknown keys are dropped silently, as PostgreSQL does.
         }
         Handshake::Startup {
             mut stream,
@@ -319,11 +323,13 @@ async fn session(
     accepted_at: std::time::Instant,
 ) -> Result<Option<Box<LoggedIn>>, SessionError> {
     let params = &startup.params;
-    ctx.facts.client_user = params.get("user").map(str::to_owned);
-    ctx.facts.database = params.get("database").map(str::to_owned);
-    ctx.facts.application_name = params.get("application_name").map(str::to_owned);
-    ctx.facts.driver_version = params.get("driver_version").map(str::to_owned);
-    ctx.facts.plugin_name = params.get("plugin_name").map(str::to_owned);
+    // Client-supplied values are audited, so a token pasted into the wrong field is redacted.
+    let fact = |key: &str| params.get(key).map(|v| redact_tokens(v).into_owned());
+    ctx.facts.client_user = fact("user");
+    ctx.facts.database = fact("database");
+    ctx.facts.application_name = fact("application_name");
+    ctx.facts.driver_version = fact("driver_version");
+    ctx.facts.plugin_name = fact("plugin_name");
 
     let carriage = if params.get("idp_type").is_some() {
         TokenCarriage::RedshiftIdp

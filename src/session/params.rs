@@ -104,6 +104,13 @@ pub fn backend_params_routed(
             return Err(ParamsError::IdentityChanging(lower));
         }
         if lower == "replication" {
+            // PostgreSQL treats false/off/no/0 as an ordinary connection.
+            if matches!(
+                value.to_ascii_lowercase().as_str(),
+                "false" | "off" | "no" | "0"
+            ) {
+                continue;
+            }
             return Err(ParamsError::Replication);
         }
         if NEVER_FORWARD.contains(&lower.as_str()) {
@@ -282,6 +289,14 @@ mod tests {
             backend_params(&params(&[("replication", "true")]), PoolKind::Postgres),
             Err(ParamsError::Replication)
         ));
+        let plain = backend_params(
+            &params(&[("replication", "false"), ("database", "d")]),
+            PoolKind::Postgres,
+        );
+        assert_eq!(
+            plain.unwrap(),
+            vec![("database".to_owned(), "d".to_owned())]
+        );
         let ok = params(&[("options", "-c search_path=a\\ b -c statement_timeout=5s")]);
         assert!(backend_params(&ok, PoolKind::Postgres).is_ok());
         assert_eq!(

@@ -122,6 +122,30 @@ async fn no_token_appears_in_logs_or_audit_files() {
             let _ = client.simple_query("SELECT 1").await;
         }
     }
+    // A token pasted into the user name or the application name is never audited or echoed.
+    let err = env
+        .pg_connect(Some(&tokens[0]), &tokens[0])
+        .await
+        .err()
+        .unwrap();
+    let message = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("[redacted token]"), "{message}");
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("localhost")
+        .port(env.port())
+        .dbname("dev")
+        .user(ALICE)
+        .password(&tokens[0]);
+    cfg.application_name(&tokens[1])
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*env.client_tls(false)).clone());
+    let (client, conn) = cfg.connect(tls).await.unwrap();
+    tokio::spawn(conn);
+    client.simple_query("SELECT 1").await.unwrap();
+    drop(client);
     // Through the Redshift IdP path as well.
     let mut tls = raw::tls_connect(env.addr, env.client_tls(false)).await;
     tls.write_all(&raw::startup(

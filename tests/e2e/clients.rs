@@ -43,6 +43,14 @@ async fn tokio_postgres_reads_rows_as_the_mapped_user() {
 }
 
 #[tokio::test]
+async fn a_token_read_from_a_file_with_a_trailing_newline_works() {
+    let env = Env::start().await;
+    let token = format!("{}\n", env.token(ALICE));
+    let client = env.pg_connect(Some(ALICE), &token).await.unwrap();
+    assert_eq!(client.query("SELECT 1", &[]).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn v1_tokens_and_empty_user_work() {
     let env = Env::start().await;
     let client = env

@@ -262,6 +262,11 @@ async fn failover_ejects_a_dead_target_and_takes_it_back_after_rise_probes() {
         seen.contains("wg1"),
         "the restarted target takes sessions again: {seen:?}"
     );
+    // The health change reaches the audit file through the spool shortly after /pools shows it.
+    env.wait_event(|e| {
+        e["kind"] == "target_health_changed" && e["target"] == c1.as_str() && e["health"] == "up"
+    })
+    .await;
     let changes: Vec<String> = env
         .audit_events()
         .iter()

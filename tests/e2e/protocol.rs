@@ -257,6 +257,23 @@ async fn oversized_and_truncated_startup_packets() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     env.wait_event(|e| e["kind"] == "session_ended" && e["end_reason"] == "handshake_timeout")
         .await;
+    // A complete startup, then silence: the client gets an ErrorResponse, not just EOF.
+    let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+    tls.write_all(&startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, auth_code(&body)), (b'R', 3));
+    let (tag, body) = tokio::time::timeout(Duration::from_secs(10), read_msg(&mut tls))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+    assert!(
+        error_message(&body).contains("timed out"),
+        "{}",
+        error_message(&body)
+    );
     // Truncated, then the client closes.
     let mut tcp = TcpStream::connect(env.addr).await.unwrap();
     tcp.write_all(&[0, 0, 0, 100, 0, 3]).await.unwrap();
