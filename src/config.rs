@@ -104,6 +104,11 @@ pub struct RawListener {
     pub handshake_timeout: String,
     /// Maximum concurrent client connections. _Default:_ `10000`.
     pub max_connections: usize,
+    /// PROXY protocol v2 in front of the listener: `"off"`, `"optional"` or `"required"`.
+    /// _Default:_ `"off"`.
+    pub proxy_protocol: String,
+    /// Networks (CIDR or single addresses) of the load balancers whose PROXY headers are believed.
+    pub proxy_protocol_trusted: Vec<String>,
 }
 
 impl Default for RawListener {
@@ -115,6 +120,8 @@ impl Default for RawListener {
             allow_plaintext: false,
             handshake_timeout: "10s".into(),
             max_connections: 10_000,
+            proxy_protocol: "off".into(),
+            proxy_protocol_trusted: Vec::new(),
         }
     }
 }
@@ -635,6 +642,8 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     /// Connection cap.
     pub max_connections: usize,
+    /// PROXY protocol v2 (real client addresses behind a load balancer).
+    pub proxy: crate::net::proxy::ProxySettings,
 }
 
 /// A certificate chain and its key, as PEM bytes (read at load time).
@@ -1520,13 +1529,58 @@ impl Validator<'_> {
                 None
             }
         };
+        let proxy = self.proxy_settings(&raw.proxy_protocol, &raw.proxy_protocol_trusted);
         Some(ListenerConfig {
             addr: addr.ok()?,
             tls,
             allow_plaintext: raw.allow_plaintext,
             handshake_timeout,
             max_connections: raw.max_connections,
+            proxy,
         })
+    }
+
+    fn proxy_settings(
+        &mut self,
+        mode: &str,
+        trusted: &[String],
+    ) -> crate::net::proxy::ProxySettings {
+        use crate::net::proxy::{ProxyMode, ProxySettings};
+        let mode = match mode {
+            "off" => ProxyMode::Off,
+            "optional" => ProxyMode::Optional,
+            "required" => ProxyMode::Required,
+            other => {
+                self.issue(
+                    "listener.proxy_protocol",
+                    format!("{other:?} is not one of \"off\", \"optional\", \"required\""),
+                );
+                ProxyMode::Off
+            }
+        };
+        let mut nets = Vec::new();
+        for (j, t) in trusted.iter().enumerate() {
+            let parsed = t
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => nets.push(net),
+                Err(_) => self.issue(
+                    format!("listener.proxy_protocol_trusted[{j}]"),
+                    format!("{t:?} is not a network such as \"10.0.0.0/16\" or an address"),
+                ),
+            }
+        }
+        if mode != ProxyMode::Off && trusted.is_empty() {
+            self.issue(
+                "listener.proxy_protocol_trusted",
+                "list the load balancers' networks (e.g. the VPC subnets of the NLB); a PROXY header from anyone else is refused",
+            );
+        }
+        ProxySettings {
+            mode,
+            trusted: nets,
+        }
     }
 
     fn issuer(&mut self, i: usize, raw: RawIssuer) -> Option<IssuerSettings> {
@@ -2104,6 +2158,38 @@ targets = [{ addr = "127.0.0.1:5432" }]
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
         }
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_networks() {
+        use crate::net::proxy::ProxyMode;
+        let on = MINIMAL.replace(
+            "allow_plaintext = true",
+            "allow_plaintext = true\nproxy_protocol = \"required\"\nproxy_protocol_trusted = [\"10.0.0.0/16\", \"192.0.2.7\"]",
+        );
+        let c = Config::from_toml(&on, "t", Path::new("."), &HashMap::new()).unwrap();
+        assert_eq!(c.listener.proxy.mode, ProxyMode::Required);
+        assert_eq!(c.listener.proxy.trusted.len(), 2);
+        let bad = MINIMAL.replace(
+            "allow_plaintext = true",
+            "allow_plaintext = true\nproxy_protocol = \"sometimes\"\nproxy_protocol_trusted = [\"10.0.0.0/99\"]",
+        );
+        let err = Config::from_toml(&bad, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        let paths: Vec<&str> = err.issues.iter().map(|i| i.path.as_str()).collect();
+        assert!(paths.contains(&"listener.proxy_protocol"), "{paths:?}");
+        assert!(
+            paths.contains(&"listener.proxy_protocol_trusted[0]"),
+            "{paths:?}"
+        );
+        let untrusted = MINIMAL.replace(
+            "allow_plaintext = true",
+            "allow_plaintext = true\nproxy_protocol = \"optional\"",
+        );
+        let err = Config::from_toml(&untrusted, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        assert!(err
+            .issues
+            .iter()
+            .any(|i| i.path == "listener.proxy_protocol_trusted"));
     }
 
     #[test]

@@ -148,6 +148,9 @@ pub struct AuditEvent {
 /// Facts collected as the session progresses; copied into every event it emits.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SessionFacts {
+    /// The load balancer that sent a PROXY header naming the client (`client_addr`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxied_by: Option<String>,
     /// TLS protocol version with the client, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,

@@ -1,4 +1,5 @@
-//! Transport: TLS configuration and the client stream type.
+//! Transport: TLS configuration, the PROXY protocol header and the client stream type.
 
+pub mod proxy;
 pub mod stream;
 pub mod tls;

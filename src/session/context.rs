@@ -27,13 +27,17 @@ pub struct SessionContext {
 
 impl SessionContext {
     /// Start a context and record `connection_accepted`.
-    pub fn accepted(audit: AuditLog, peer: SocketAddr) -> Self {
+    /// `proxied` is the client address from a PROXY header; `peer` is then the load balancer.
+    pub fn accepted(audit: AuditLog, peer: SocketAddr, proxied: Option<SocketAddr>) -> Self {
         let ctx = Self {
             audit,
             id: SessionId::new(),
-            peer,
+            peer: proxied.unwrap_or(peer),
             started: Instant::now(),
-            facts: SessionFacts::default(),
+            facts: SessionFacts {
+                proxied_by: proxied.map(|_| peer.to_string()),
+                ..SessionFacts::default()
+            },
             end_reason: None,
             counters: ByteCounters::default(),
         };
@@ -41,7 +45,7 @@ impl SessionContext {
         ctx
     }
 
-    /// The client's address.
+    /// The client's address (from the PROXY header when there was one).
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }

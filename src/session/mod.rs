@@ -25,7 +25,10 @@ use crate::{
     gateway::{Gateway, Snapshot},
     identity::{map_identity, IdentityError},
     metrics::{DirectionLabels, OutcomeLabels, ReasonLabels, RouteLabels},
-    net::stream::ClientStream,
+    net::{
+        proxy::{self, ProxyError},
+        stream::ClientStream,
+    },
     protocol::messages::{self, Severity},
     relay::{query_audit::QueryTap, relay_with_tap, RelayError},
     routing::{self, pool::ActiveSession, RouteError, RouteInput},
@@ -38,6 +41,9 @@ use params::ParamsError;
 /// Every way a session can fail before the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// The PROXY protocol header was missing, untrusted or malformed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// Encryption negotiation, startup or token exchange.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
@@ -76,6 +82,7 @@ pub enum SessionError {
 impl Reportable for SessionError {
     fn kind(&self) -> ErrorKind {
         match self {
+            SessionError::Proxy(e) => e.kind(),
             SessionError::Handshake(e) => e.kind(),
             SessionError::Token(e) => {
                 if e.is_identity_provider_fault() {
@@ -99,6 +106,7 @@ impl Reportable for SessionError {
 
     fn reason(&self) -> Cow<'static, str> {
         match self {
+            SessionError::Proxy(e) => e.reason(),
             SessionError::Handshake(e) => e.reason(),
             SessionError::Token(e) => e.reason().into(),
             SessionError::Identity(e) => e.reason(),
@@ -117,6 +125,7 @@ impl Reportable for SessionError {
 impl UserFacing for SessionError {
     fn sqlstate(&self) -> &'static str {
         match self {
+            SessionError::Proxy(e) => e.sqlstate(),
             SessionError::Handshake(e) => e.sqlstate(),
             SessionError::Token(e) => e.sqlstate(),
             SessionError::Identity(e) => e.sqlstate(),
@@ -133,6 +142,7 @@ impl UserFacing for SessionError {
 
     fn client_message(&self) -> Cow<'static, str> {
         match self {
+            SessionError::Proxy(e) => e.client_message(),
             SessionError::Handshake(e) => e.client_message(),
             SessionError::Token(e) => e.client_message(),
             SessionError::Identity(e) => e.client_message(),
@@ -167,17 +177,38 @@ pub async fn handle_client(
     let accepted_at = std::time::Instant::now();
     // One configuration snapshot for the whole session: a reload never changes it mid-way.
     let snap = gw.snapshot();
-    let mut ctx = SessionContext::accepted(gw.audit.clone(), peer);
+    let listener = &snap.config.listener;
+    let deadline = tokio::time::Instant::now() + listener.handshake_timeout;
+    let mut tcp = tcp;
+    // Behind a load balancer, the client is the one its PROXY header names.
+    let proxied = tokio::time::timeout_at(
+        deadline,
+        proxy::read_header(&mut tcp, peer, &listener.proxy),
+    )
+    .await;
+    let (client_addr, proxy_error) = match proxied {
+        Ok(Ok(Some(addr))) => (Some(addr), None),
+        Ok(Ok(None)) => (None, None),
+        Ok(Err(e)) => (None, Some(SessionError::Proxy(e))),
+        Err(_) => (None, Some(SessionError::HandshakeTimeout)),
+    };
+    let mut ctx = SessionContext::accepted(gw.audit.clone(), peer, client_addr);
+    let client_addr = ctx.peer();
+    if let Some(e) = proxy_error {
+        let mut stream: ClientStream = tokio_util::either::Either::Left(tcp);
+        fail(&mut ctx, Some(&mut stream), &e).await;
+        return;
+    }
     // Over the cap, the handshake still runs (bounded by handshake_timeout) so the client gets a
     // readable 53300 instead of a broken TLS negotiation; no token is read and no backend is used.
     let permit = gw.connections.clone().try_acquire_owned().ok();
-    let handshake = tokio::time::timeout(
-        snap.config.listener.handshake_timeout,
+    let handshake = tokio::time::timeout_at(
+        deadline,
         handshake::negotiate(
             tcp,
-            peer,
+            client_addr,
             snap.tls.as_ref(),
-            snap.config.listener.allow_plaintext,
+            listener.allow_plaintext,
         )
         .instrument(tracing::info_span!("handshake")),
     )
@@ -253,7 +284,13 @@ pub async fn handle_client(
                         .as_deref()
                         .and_then(|p| gw.audit.query_audit_len(p));
                     let tap = tap.map(|max| {
-                        QueryTap::new(gw.audit.clone(), ctx.id, peer, ctx.facts.clone(), max)
+                        QueryTap::new(
+                            gw.audit.clone(),
+                            ctx.id,
+                            client_addr,
+                            ctx.facts.clone(),
+                            max,
+                        )
                     });
                     run_relay(&mut ctx, stream, backend, &shutdown, tap).await;
                     let m = &gw.metrics.bytes;
@@ -294,6 +331,7 @@ pub async fn handle_client(
                             "backend_failed"
                         }
                         SessionError::Handshake(_)
+                        | SessionError::Proxy(_)
                         | SessionError::HandshakeTimeout
                         | SessionError::TooManyConnections
                         | SessionError::AuditUnavailable
@@ -547,10 +585,14 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
         SessionError::Handshake(h) if h.kind() == ErrorKind::User => {
             ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail)
         }
+        SessionError::Proxy(p) if p.kind() == ErrorKind::User => {
+            ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail)
+        }
         SessionError::Connect(_) | SessionError::AllUnhealthy(_) => {
             ctx.emit(EventKind::BackendLoginFailed, Some(reason.clone()), detail)
         }
         SessionError::Handshake(_)
+        | SessionError::Proxy(_)
         | SessionError::HandshakeTimeout
         | SessionError::TooManyConnections
         | SessionError::AuditUnavailable

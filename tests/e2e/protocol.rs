@@ -400,3 +400,91 @@ async fn a_target_that_refuses_connections_is_skipped() {
         .await;
     assert_eq!(skipped["reason"], "backend_connect_failed");
 }
+
+/// A stand-in for a load balancer with PROXY protocol v2: every connection to it is forwarded to
+/// `upstream` behind a header that names `client` as the source. Returns its port.
+async fn proxy_v2_balancer(upstream: std::net::SocketAddr, client: std::net::SocketAddr) -> u16 {
+    use ppp::v2;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut outbound = TcpStream::connect(upstream).await.unwrap();
+                let header = v2::Builder::with_addresses(
+                    v2::Version::Two | v2::Command::Proxy,
+                    v2::Protocol::Stream,
+                    (client, upstream),
+                )
+                .write_tlv(0xEA, b"\x01vpce-0123456789abcdef0")
+                .unwrap()
+                .build()
+                .unwrap();
+                outbound.write_all(&header).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn proxy_protocol_v2_gives_the_audit_trail_the_real_client_address() {
+    use idgate::net::proxy::{ProxyMode, ProxySettings};
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(|c, _| {
+            c.listener.proxy = ProxySettings {
+                mode: ProxyMode::Required,
+                trusted: vec!["127.0.0.0/8".parse().unwrap()],
+            }
+        }),
+        ..EnvOptions::default()
+    })
+    .await;
+    let real_client: std::net::SocketAddr = "203.0.113.7:40123".parse().unwrap();
+    let lb = proxy_v2_balancer(env.addr, real_client).await;
+    let client = env
+        .pg_connect_port(lb, Some(ALICE), &env.token(ALICE), "dev")
+        .await
+        .unwrap();
+    let rows = client.simple_query("SELECT current_user").await.unwrap();
+    assert!(!rows.is_empty());
+    let routed = env.wait_event(|e| e["kind"] == "session_routed").await;
+    assert_eq!(routed["client_addr"], "203.0.113.7:40123");
+    assert!(
+        routed["proxied_by"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("127.0.0.1:"),
+        "{routed}"
+    );
+    // Straight to the listener, bypassing the load balancer: refused, with a reason.
+    // (libpq prints an ErrorResponse that answers its SSLRequest.)
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(&SSL_REQUEST).await.unwrap();
+    let (tag, body) = read_msg(&mut tcp).await.unwrap();
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+    assert!(
+        error_message(&body).contains("load balancer"),
+        "{}",
+        error_message(&body)
+    );
+    let refused = env
+        .wait_event(|e| e["kind"] == "auth_failed" && e["reason"] == "proxy_header_missing")
+        .await;
+    assert!(refused["proxied_by"].is_null());
+    // A malformed header is refused too, and the gateway keeps serving.
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    tcp.write_all(b"\r\n\r\n\0\r\nQUIT\n\x31\x11\x00\x00")
+        .await
+        .unwrap();
+    tcp.shutdown().await.unwrap();
+    let (tag, body) = read_msg(&mut tcp).await.unwrap();
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+    env.wait_event(|e| e["kind"] == "auth_failed" && e["reason"] == "proxy_header_malformed")
+        .await;
+    assert!(env
+        .pg_connect_port(lb, Some(ALICE), &env.token(ALICE), "dev")
+        .await
+        .is_ok());
+}
