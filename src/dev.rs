@@ -56,12 +56,38 @@ pub struct DevCertsArgs {
     /// DNS names and IP addresses of the server certificate (repeatable).
     #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
     names: Vec<String>,
+    /// Replace files that already exist.
+    #[arg(long)]
+    force: bool,
 }
 
-/// `idgate dev-certs`.
+/// The files `idgate dev-certs` writes.
+const DEV_CERT_FILES: [&str; 3] = ["ca.pem", "idgate.pem", "idgate-key.pem"];
+
+/// `idgate dev-certs`. Never overwrites a file unless `--force`: when all three exist they are
+/// kept (so docker-compose can run it on every start); when only some do, it refuses.
 pub fn dev_certs(args: DevCertsArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let existing: Vec<&str> = DEV_CERT_FILES
+        .into_iter()
+        .filter(|f| args.dir.join(f).exists())
+        .collect();
+    if !args.force && existing.len() == DEV_CERT_FILES.len() {
+        println!(
+            "kept the existing {}/{{ca.pem,idgate.pem,idgate-key.pem}} (--force replaces them)",
+            args.dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.force && !existing.is_empty() {
+        eprintln!(
+            "{} already holds {} (another CA, e.g. from `idgate ca init`?); not overwriting it: use another --dir, or --force",
+            args.dir.display(),
+            existing.join(", ")
+        );
+        return Ok(ExitCode::from(2));
+    }
     let ca = DevCa::new("idgate dev CA")?;
     let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
     let server = ca.server_cert(&names)?;

@@ -82,7 +82,7 @@ impl Snapshot {
             {
                 prev.auth.clone()
             }
-            _ => Authenticator::new(config.issuers.clone())?,
+            _ => Authenticator::succeeding(config.issuers.clone(), previous.map(|p| &p.auth))?,
         };
         let mut states = StateMap::new();
         if let Some(prev) = previous {

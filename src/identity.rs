@@ -20,6 +20,9 @@ pub struct MappedIdentity {
     pub db_user: String,
     /// Database roles, e.g. `aad:analysts`, sorted and de-duplicated.
     pub roles: Vec<String>,
+    /// False when the token's group list was incomplete (groups overage with `ignore_groups`):
+    /// `roles` then says nothing about the groups the person is *not* in.
+    pub groups_complete: bool,
 }
 
 /// Why a verified token could not be mapped.
@@ -125,7 +128,8 @@ pub fn map_identity(
         }
     }
     let mut roles = Vec::new();
-    if claims.groups_overage() {
+    let groups_complete = !claims.groups_overage();
+    if !groups_complete {
         match config.groups_overage {
             GroupsOverage::Refuse => return Err(IdentityError::GroupsOverage),
             GroupsOverage::IgnoreGroups => {}
@@ -144,7 +148,11 @@ pub fn map_identity(
     }
     roles.sort();
     roles.dedup();
-    Ok(MappedIdentity { db_user, roles })
+    Ok(MappedIdentity {
+        db_user,
+        roles,
+        groups_complete,
+    })
 }
 
 fn qualify(namespace: &str, name: &str) -> String {

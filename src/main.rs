@@ -184,6 +184,8 @@ fn init_tracing_with_otlp(
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            // Colours only on a terminal: a redirected log stays plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed(),
     };
     let provider = otlp_endpoint.and_then(|endpoint| {

@@ -189,17 +189,17 @@ impl Metrics {
         );
         registry.register(
             "jwks_fetches",
-            "JWKS documents fetched",
+            "Discovery and JWKS documents requested",
             m.jwks_fetches.clone(),
         );
         registry.register(
             "jwks_fetch_failures",
-            "JWKS fetches that failed",
+            "Discovery and JWKS requests that failed",
             m.jwks_failures.clone(),
         );
         registry.register(
             "jwks_key_age_seconds",
-            "Age of the oldest cached key set",
+            "Seconds since the oldest key set was last fetched (since start when never fetched)",
             m.jwks_key_age.clone(),
         );
         registry.register(
@@ -295,12 +295,17 @@ impl Metrics {
             }
         }
         let stats = snapshot.auth.stats();
-        catch_up(&self.jwks_fetches, stats.jwks_fetches);
-        catch_up(&self.jwks_failures, stats.jwks_fetch_failures);
+        catch_up(
+            &self.jwks_fetches,
+            stats.jwks_fetches + stats.discovery_fetches,
+        );
+        catch_up(
+            &self.jwks_failures,
+            stats.jwks_fetch_failures + stats.discovery_fetch_failures,
+        );
         catch_up(&self.token_cache_hits, stats.token_cache_hits);
-        if let Some(age) = snapshot.auth.oldest_key_fetch_age().await {
-            self.jwks_key_age.set(age.as_secs() as i64);
-        }
+        let age = snapshot.auth.oldest_key_fetch_age().await;
+        self.jwks_key_age.set(age.as_secs() as i64);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

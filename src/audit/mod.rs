@@ -51,8 +51,11 @@ pub enum EventKind {
     AuthFailed,
     /// The session was assigned a pool and target.
     SessionRouted,
-    /// The backend refused or could not be reached for the login.
+    /// The backend refused or could not be reached for the login (the session's final answer).
     BackendLoginFailed,
+    /// One target failed for a retryable reason and the next one is tried (not a refusal: the
+    /// session may still log in; `backend_login_failed` follows only when every try failed).
+    BackendAttemptFailed,
     /// The connection ended (exactly once per accepted connection).
     SessionEnded,
     /// A CancelRequest was forwarded to a backend.
@@ -88,6 +91,7 @@ impl EventKind {
             | EventKind::Query
             | EventKind::TargetHealthChanged
             | EventKind::TargetDrainChanged
+            | EventKind::BackendAttemptFailed
             | EventKind::RolesProvisioned => None,
         }
     }
@@ -295,9 +299,6 @@ pub enum AuditStartError {
     /// The spool writer thread could not be started.
     #[error("audit spool writer thread: {0}")]
     Thread(std::io::Error),
-    /// `postgres_migrate` is set and the migration failed.
-    #[error("audit database migration: {0}")]
-    Migrate(#[from] pg::PgAuditError),
 }
 
 impl AuditLog {
@@ -326,11 +327,7 @@ impl AuditLog {
             sinks.push(ship::Sink::stdout(config.stdout_format));
         }
         if let Some(url) = &config.postgres_url {
-            if config.postgres_migrate {
-                let mut client = pg::connect(url.expose()).await?;
-                pg::migrate(&mut client).await?;
-            }
-            sinks.push(ship::Sink::postgres(url.clone()));
+            sinks.push(ship::Sink::postgres(url.clone(), config.postgres_migrate));
         }
         if let Some(endpoint) = &config.otlp_endpoint {
             sinks.push(ship::Sink::otlp(endpoint));

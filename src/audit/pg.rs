@@ -129,12 +129,18 @@ const INSERT: &str = "INSERT INTO audit_events (event_id, time, kind, outcome, r
 pub struct PgSink {
     url: Secret<String>,
     client: Option<Client>,
+    /// Apply pending migrations on the first connection that works (`postgres_migrate`).
+    migrate: bool,
 }
 
 impl PgSink {
     /// A sink for `url` (not connected yet).
-    pub fn new(url: Secret<String>) -> Self {
-        Self { url, client: None }
+    pub fn new(url: Secret<String>, migrate: bool) -> Self {
+        Self {
+            url,
+            client: None,
+            migrate,
+        }
     }
 
     /// Insert `events` in one statement; events already stored are skipped.
@@ -144,7 +150,16 @@ impl PgSink {
         }
         let client = match self.client.take() {
             Some(c) if !c.is_closed() => c,
-            _ => connect(self.url.expose()).await?,
+            _ => {
+                let mut client = connect(self.url.expose()).await?;
+                // Migrating here, not at start, so an audit database that is down when idgate
+                // starts delays delivery like any outage instead of stopping the gateway.
+                if self.migrate {
+                    migrate(&mut client).await?;
+                    self.migrate = false;
+                }
+                client
+            }
         };
         let rows: Vec<serde_json::Value> = events
             .iter()

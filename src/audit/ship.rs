@@ -72,8 +72,8 @@ impl Sink {
         Sink::Stdout { format }
     }
 
-    pub(crate) fn postgres(url: Secret<String>) -> Self {
-        Sink::Postgres(pg::PgSink::new(url))
+    pub(crate) fn postgres(url: Secret<String>, migrate: bool) -> Self {
+        Sink::Postgres(pg::PgSink::new(url, migrate))
     }
 
     pub(crate) fn otlp(endpoint: &str) -> Self {

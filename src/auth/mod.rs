@@ -20,7 +20,7 @@ mod jwt;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::future::join_all;
 use reqwest::Url;
@@ -212,6 +212,8 @@ struct Inner {
     by_tenant: HashMap<String, Vec<Candidate>>,
     token_cache: moka::sync::Cache<[u8; 32], Arc<VerifiedClaims>>,
     counters: Arc<Counters>,
+    /// When this validator was built (the age of keys that were never fetched).
+    created: Instant,
 }
 
 /// Validates Entra access tokens. Cheap to clone (shares its caches).
@@ -247,10 +249,22 @@ impl Authenticator {
     /// Check the issuer settings and build the (cold) caches. Does no network I/O; call
     /// [`Self::prefetch`] to warm up.
     pub fn new(issuers: Vec<IssuerSettings>) -> Result<Self, AuthSetupError> {
+        Self::succeeding(issuers, None)
+    }
+
+    /// A validator for changed issuers that carries on `previous`'s counters, so the totals that
+    /// metrics mirror keep counting across a reload.
+    pub fn succeeding(
+        issuers: Vec<IssuerSettings>,
+        previous: Option<&Authenticator>,
+    ) -> Result<Self, AuthSetupError> {
         if issuers.is_empty() {
             return Err(AuthSetupError::NoIssuers);
         }
-        let counters = Arc::new(Counters::default());
+        let counters = previous.map_or_else(
+            || Arc::new(Counters::default()),
+            |p| Arc::clone(&p.inner.counters),
+        );
         let mut runtimes = Vec::with_capacity(issuers.len());
         let mut sources = Vec::new();
         let mut by_tenant: HashMap<String, Vec<Candidate>> = HashMap::new();
@@ -404,6 +418,7 @@ impl Authenticator {
                 by_tenant,
                 token_cache,
                 counters,
+                created: Instant::now(),
             }),
         })
     }
@@ -581,14 +596,20 @@ impl Authenticator {
             .collect()
     }
 
-    /// Age of the oldest "last successful key fetch" over all sources (`None` if some source
-    /// never fetched successfully). For a staleness metric.
-    pub async fn oldest_key_fetch_age(&self) -> Option<Duration> {
+    /// Age of the oldest "last successful key fetch" over all sources (a source that never
+    /// fetched counts from the validator's start). For a staleness metric.
+    pub async fn oldest_key_fetch_age(&self) -> Duration {
         let mut oldest = Duration::ZERO;
         for s in &self.inner.sources {
-            oldest = oldest.max(s.since_last_success().await?);
+            // A key set never fetched is as old as the validator: it grows while the IdP is
+            // unreachable, so an alert on key age fires for it too.
+            let age = s
+                .since_last_success()
+                .await
+                .unwrap_or_else(|| self.inner.created.elapsed());
+            oldest = oldest.max(age);
         }
-        Some(oldest)
+        oldest
     }
 
     /// Counters.

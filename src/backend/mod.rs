@@ -48,6 +48,9 @@ pub struct Login<'a> {
     pub user: &'a str,
     /// The mapped roles (`<namespace>:<role>`), for JIT provisioning.
     pub roles: &'a [String],
+    /// Whether `roles` is the whole truth (false after a groups overage): JIT revokes nothing
+    /// when it is not.
+    pub roles_complete: bool,
     /// The client's token; kept only until the backend login completes.
     pub token: Option<&'a Secret<String>>,
     /// Health probes log in with their own password, whatever the pool's `backend_auth`.
@@ -316,6 +319,7 @@ pub async fn probe(
     let credentials = Login {
         user: &cred.user,
         roles: &[],
+        roles_complete: false,
         token: None,
         probe_password: Some(&cred.password),
     };
@@ -372,7 +376,7 @@ async fn connect_target(
         .filter(|_| user.probe_password.is_none())
     {
         Some(p) => p
-            .ensure(pool, target, user.user, user.roles)
+            .ensure(pool, target, user.user, user.roles, user.roles_complete)
             .await
             .map_err(|source| ConnectError::Provision {
                 addr: addr.clone(),

@@ -123,13 +123,17 @@ impl ProvisionError {
     }
 }
 
-type DoneKey = (String, String, Vec<String>);
+/// (target, user, wanted roles, whether memberships outside them are revoked).
+type DoneKey = (String, String, Vec<String>, bool);
 type Pending = Arc<Mutex<Option<RoleChanges>>>;
 
 /// Provisioning for one pool.
 pub struct Provisioner {
     config: ProvisioningConfig,
     done: moka::future::Cache<DoneKey, Pending>,
+    /// The role set last brought in step per (target, user): a login with another set must run
+    /// again even while an older run for its own set is still cached.
+    latest: moka::sync::Cache<(String, String), (Vec<String>, bool)>,
 }
 
 impl fmt::Debug for Provisioner {
@@ -149,6 +153,10 @@ impl Provisioner {
                 .max_capacity(100_000)
                 .time_to_live(DONE_TTL)
                 .build(),
+            latest: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(DONE_TTL)
+                .build(),
         }
     }
 
@@ -160,15 +168,23 @@ impl Provisioner {
         target: &TargetConfig,
         user: &str,
         roles: &[String],
+        revoke: bool,
     ) -> Result<RoleChanges, ProvisionError> {
         let mut wanted: Vec<String> = roles.to_vec();
         wanted.sort();
         wanted.dedup();
-        let key = (target.addr.clone(), user.to_owned(), wanted);
+        let person = (target.addr.clone(), user.to_owned());
+        let key = (person.0.clone(), person.1.clone(), wanted.clone(), revoke);
+        let set = (wanted, revoke);
+        // The membership may have moved on since this set was last applied (with G, without G,
+        // with G again): then the cached run proves nothing.
+        if self.latest.get(&person).is_some_and(|last| last != set) {
+            self.done.invalidate(&key).await;
+        }
         let pending = match self
             .done
             .try_get_with(key, async {
-                self.run(pool, target, user, roles)
+                self.run(pool, target, user, roles, revoke)
                     .await
                     .map(|c| Arc::new(Mutex::new(Some(c))))
             })
@@ -178,9 +194,10 @@ impl Provisioner {
             Err(shared) => match Arc::try_unwrap(shared) {
                 Ok(e) => return Err(e),
                 // A concurrent login's run failed; try once on our own for a precise error.
-                Err(_) => return self.run(pool, target, user, roles).await,
+                Err(_) => return self.run(pool, target, user, roles, revoke).await,
             },
         };
+        self.latest.insert(person, set);
         let taken = match pending.lock() {
             Ok(mut guard) => guard.take(),
             Err(_) => None,
@@ -195,13 +212,14 @@ impl Provisioner {
         target: &TargetConfig,
         user: &str,
         roles: &[String],
+        revoke: bool,
     ) -> Result<RoleChanges, ProvisionError> {
         let limit = pool.config.connect_timeout + pool.config.login_timeout;
         let work = async {
             let client = self.admin_connect(pool, target).await?;
-            match self.apply(&client, user, roles).await {
+            match self.apply(&client, user, roles, revoke).await {
                 Err(e) if matches!(e.sqlstate(), Some("42710" | "23505")) => {
-                    self.apply(&client, user, roles).await
+                    self.apply(&client, user, roles, revoke).await
                 }
                 other => other,
             }
@@ -272,6 +290,7 @@ impl Provisioner {
         client: &tokio_postgres::Client,
         user: &str,
         roles: &[String],
+        revoke: bool,
     ) -> Result<RoleChanges, ProvisionError> {
         let prefix = format!("{}:", self.config.namespace);
         // Only namespace roles are ever wanted (the identity mapping adds the prefix; anything
@@ -283,8 +302,15 @@ impl Provisioner {
             .collect();
 
         // Fast path: nothing to do, no transaction, no lock.
+        let plan = |state: &State| {
+            let mut changes = state.plan(user, &wanted);
+            if !revoke {
+                changes.revoked.clear();
+            }
+            changes
+        };
         let state = read_state(client, user, &wanted, &prefix).await?;
-        if state.plan(user, &wanted).is_empty() {
+        if plan(&state).is_empty() {
             return Ok(RoleChanges::default());
         }
 
@@ -298,7 +324,7 @@ impl Provisioner {
                     .await?;
             }
             let state = read_state(client, user, &wanted, &prefix).await?;
-            let changes = state.plan(user, &wanted);
+            let changes = plan(&state);
             let mut sql = Vec::new();
             if let Some(login) = &changes.created_login_role {
                 sql.push(format!(

@@ -169,9 +169,13 @@ where
                         "idgate is shutting down; reconnect",
                         None,
                     );
-                    let _ = client_write.write_all(&out).await;
-                    let _ = client_write.flush().await;
-                    let _ = client_write.shutdown().await;
+                    // A client that stopped reading cannot hold the shutdown up.
+                    let _ = tokio::time::timeout(BOUNDARY_WAIT, async {
+                        client_write.write_all(&out).await?;
+                        client_write.flush().await?;
+                        client_write.shutdown().await
+                    })
+                    .await;
                     return Err(RelayError::Shutdown);
                 }
                 if tokio::time::Instant::now() >= deadline {
@@ -183,16 +187,25 @@ where
                 _ = shutdown.cancelled(), if stop_by.is_none() => continue,
                 _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => continue,
             };
+            // Writes to the client wait for it to read (backpressure), but once shutdown has
+            // begun, only for BOUNDARY_WAIT: a stalled client cannot keep idgate from exiting.
+            let stalled = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(BOUNDARY_WAIT).await;
+            };
             if n == 0 {
-                client_write.shutdown().await.map_err(RelayError::Client)?;
+                tokio::select! {
+                    r = client_write.shutdown() => r.map_err(RelayError::Client)?,
+                    _ = stalled => return Err(RelayError::Shutdown),
+                }
                 return Ok(());
             }
             boundary.advance(&buf[..n]);
             counters.to_client.fetch_add(n as u64, Ordering::Relaxed);
-            client_write
-                .write_all(&buf[..n])
-                .await
-                .map_err(RelayError::Client)?;
+            tokio::select! {
+                r = client_write.write_all(&buf[..n]) => r.map_err(RelayError::Client)?,
+                _ = stalled => return Err(RelayError::Shutdown),
+            }
         }
     };
 

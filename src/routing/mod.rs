@@ -69,21 +69,26 @@ pub enum RouteError {
         rule: RouteRule,
     },
     /// The person is not in the pool's allowed groups or app roles.
-    #[error("not allowed to use workgroup {0}")]
-    NotAllowed(String),
+    #[error("not allowed to use workgroup {pool} (selected by {rule:?})")]
+    NotAllowed {
+        /// The pool.
+        pool: String,
+        /// The rule that chose it.
+        rule: RouteRule,
+    },
 }
 
 impl Reportable for RouteError {
     fn kind(&self) -> ErrorKind {
         match self {
-            RouteError::UnknownPool { .. } | RouteError::NotAllowed(_) => ErrorKind::User,
+            RouteError::UnknownPool { .. } | RouteError::NotAllowed { .. } => ErrorKind::User,
         }
     }
 
     fn reason(&self) -> Cow<'static, str> {
         match self {
             RouteError::UnknownPool { .. } => "unknown_pool".into(),
-            RouteError::NotAllowed(_) => "pool_not_allowed".into(),
+            RouteError::NotAllowed { .. } => "pool_not_allowed".into(),
         }
     }
 }
@@ -92,7 +97,7 @@ impl UserFacing for RouteError {
     fn sqlstate(&self) -> &'static str {
         match self {
             RouteError::UnknownPool { .. } => "3D000",
-            RouteError::NotAllowed(_) => sqlstate::INVALID_AUTHORIZATION,
+            RouteError::NotAllowed { .. } => sqlstate::INVALID_AUTHORIZATION,
         }
     }
 
@@ -101,7 +106,7 @@ impl UserFacing for RouteError {
             RouteError::UnknownPool { name, .. } => {
                 format!("idgate has no workgroup named \"{name}\"; check the host name, the idgate.workgroup option or the database name").into()
             }
-            RouteError::NotAllowed(pool) => format!(
+            RouteError::NotAllowed { pool, .. } => format!(
                 "you are not allowed to use workgroup \"{pool}\"; ask for membership of one of its groups or app roles"
             )
             .into(),
@@ -206,7 +211,10 @@ pub fn route(config: &Config, input: &RouteInput<'_>) -> Result<RouteDecision, R
             .iter()
             .any(|r| has_app_role(config, input, r));
     if !allowed {
-        return Err(RouteError::NotAllowed(pool.name.clone()));
+        return Err(RouteError::NotAllowed {
+            pool: pool.name.clone(),
+            rule: decision.rule,
+        });
     }
     Ok(decision)
 }

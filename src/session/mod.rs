@@ -273,7 +273,7 @@ pub async fn handle_client(
                 return;
             }
             let result = tokio::select! {
-                r = session(&gw, &snap, &mut ctx, &mut stream, startup, accepted_at) => r,
+                r = session(&gw, &snap, &mut ctx, &mut stream, startup, accepted_at, deadline) => r,
                 _ = shutdown.cancelled() => Err(SessionError::Shutdown),
             };
             let outcome = match result {
@@ -359,6 +359,7 @@ async fn session(
     stream: &mut ClientStream,
     startup: crate::protocol::startup::StartupMessage,
     accepted_at: std::time::Instant,
+    deadline: tokio::time::Instant,
 ) -> Result<Option<Box<LoggedIn>>, SessionError> {
     let params = &startup.params;
     // Client-supplied values are audited, so a token pasted into the wrong field is redacted.
@@ -377,8 +378,9 @@ async fn session(
     ctx.facts.auth_method = Some(carriage.as_str());
     let mut pending = Vec::new();
     handshake::negotiation_replies(&startup, &mut pending);
-    let token = tokio::time::timeout(
-        snap.config.listener.handshake_timeout,
+    // One deadline from accept to the token (handshake_timeout), not one per phase.
+    let token = tokio::time::timeout_at(
+        deadline,
         handshake::read_token(stream, carriage, pending).instrument(tracing::info_span!(
             "token_exchange",
             method = carriage.as_str()
@@ -424,7 +426,13 @@ async fn session(
             database: params.get("database"),
             claims: &claims,
         },
-    )?;
+    );
+    // A refusal for a pool is audited with that pool, so per-pool queries see it.
+    if let Err(RouteError::NotAllowed { pool, rule }) = &decision {
+        ctx.facts.pool = Some(pool.clone());
+        ctx.facts.route_rule = Some(rule.as_str());
+    }
+    let decision = decision?;
     let pool = &snap.pools[decision.pool];
     // The token is kept only when the pool forwards it, and only until the backend login.
     let token = match pool.config.backend_auth {
@@ -465,17 +473,15 @@ async fn session(
     let login = backend::Login {
         user: &identity.db_user,
         roles: &identity.roles,
+        roles_complete: identity.groups_complete,
         token: token.as_ref(),
         probe_password: None,
     };
     let connected = backend::connect(pool, &candidates, &login, &backend_params, |target, e| {
         ctx.emit(
-            EventKind::BackendLoginFailed,
+            EventKind::BackendAttemptFailed,
             Some(e.reason().into_owned()),
-            Some(format!(
-                "{}: {e}; trying the next target",
-                target.config.addr
-            )),
+            Some(format!("{}: {e}", target.config.addr)),
         );
         // Passive ejection: live connect failures count towards `fall`.
         if let Some(h) = target.state.failure(fall) {

@@ -392,6 +392,14 @@ GRANT SELECT ON sales TO "aad:analysts";
 "#;
 
 async fn jit_env(backend: &CertBackend) -> Env {
+    jit_env_with(backend, |_| {}).await
+}
+
+/// [`jit_env`], with a further change to the configuration.
+async fn jit_env_with(
+    backend: &CertBackend,
+    tweak: impl FnOnce(&mut Config) + Send + 'static,
+) -> Env {
     let mut pool = CertPool::new(backend, Duration::from_secs(3600));
     // No password: the admin logs in with a certificate, like everyone else.
     pool.provisioning = Some(ProvisioningConfig {
@@ -400,7 +408,15 @@ async fn jit_env(backend: &CertBackend) -> Env {
         admin_database: "dev".into(),
         namespace: "aad".into(),
     });
-    pool.env().await
+    Env::with(EnvOptions {
+        clusters: 0,
+        tweak: Box::new(move |cfg, _| {
+            pool.apply(cfg);
+            tweak(cfg);
+        }),
+        ..EnvOptions::default()
+    })
+    .await
 }
 
 async fn memberships(cluster: &PgCluster, user: &str) -> Vec<String> {
@@ -485,6 +501,47 @@ async fn jit_creates_the_role_and_keeps_group_membership_in_step() {
         .await
         .unwrap();
     assert_eq!(reporting[0], [Some("f".into()), Some("f".into())]);
+
+    // With G again, then without G again, within minutes: each change is applied, although a
+    // run for the same role set was done moments ago.
+    for (groups, can_read) in [
+        (&[ANALYSTS_GROUP][..], true),
+        (&[][..], false),
+        (&[ANALYSTS_GROUP][..], true),
+    ] {
+        let token = env.idp.mint(&TokenSpec::user(carol).groups(groups));
+        let client = env.pg_connect(Some(carol), &token).await.unwrap();
+        let read = client.query("SELECT count(*) FROM sales", &[]).await;
+        assert_eq!(read.is_ok(), can_read, "groups {groups:?}: {read:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jit_revokes_nothing_when_the_token_cannot_list_the_groups() {
+    let backend = cert_backend("jit-overage", &["localhost", "127.0.0.1"], JIT_SETUP).await;
+    let env = jit_env_with(&backend, |cfg| {
+        cfg.identity.groups_overage = idgate::config::GroupsOverage::IgnoreGroups
+    })
+    .await;
+    let erin = "erin@contoso.example";
+    let role = "aad:erin@contoso.example";
+    let token = env
+        .idp
+        .mint(&TokenSpec::user(erin).groups(&[ANALYSTS_GROUP]));
+    drop(env.pg_connect(Some(erin), &token).await.unwrap());
+    assert_eq!(memberships(&backend.cluster, role).await, ["aad:analysts"]);
+    // Too many groups for the token: "groups unknown", not "no groups".
+    let overage = env
+        .idp
+        .mint(&TokenSpec::user(erin).claim("_claim_names", serde_json::json!({"groups": "src1"})));
+    let client = env.pg_connect(Some(erin), &overage).await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM sales", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    assert_eq!(memberships(&backend.cluster, role).await, ["aad:analysts"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -169,6 +169,15 @@ fn docker_compose_wires_what_the_config_references() {
         .map(|k| k.as_str().unwrap().to_owned())
         .collect();
     let idgate_svc = &compose["services"]["idgate"];
+    // The image build copies everything the crate compiles in (the audit schema is
+    // `include_str!`'d from migrations/).
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    for dir in ["src", "migrations"] {
+        assert!(
+            dockerfile.contains(&format!("COPY {dir} ./{dir}")),
+            "the Dockerfile does not copy {dir}/"
+        );
+    }
     // The config file the idgate service mounts exists and is the one checked above.
     let volumes: Vec<&str> = idgate_svc["volumes"]
         .as_sequence()
@@ -265,4 +274,36 @@ fn docker_compose_wires_what_the_config_references() {
     // The Dockerfile builds the binary the services run.
     let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
     assert!(dockerfile.contains("cargo build --release --locked --bin idgate"));
+}
+
+#[test]
+fn dev_certs_never_overwrites_another_ca() {
+    let (dir, _) = certs();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    // All three present: kept, exit 0 (docker-compose runs it on every start).
+    let again = idgate()
+        .args(["dev-certs", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
+    // Only a CA there (e.g. from `idgate ca init`): refused, the file untouched.
+    std::fs::remove_file(dir.path().join("idgate.pem")).unwrap();
+    let refused = idgate()
+        .args(["dev-certs", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not overwriting"));
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
+    // --force replaces them.
+    let forced = idgate()
+        .args(["dev-certs", "--force", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
 }
