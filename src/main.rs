@@ -176,7 +176,9 @@ fn init_tracing_with_otlp(
     use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        // rustls logs what a client sent (a 60 KB "illegal SNI" name) at warn: an unauthenticated
+        // client could flood the log. Its failures reach the audit trail as handshake errors.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rustls=error")));
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()

@@ -301,6 +301,18 @@ pub enum AuditStartError {
     Thread(std::io::Error),
 }
 
+/// Longest `detail` kept in an audit event (characters).
+pub const MAX_DETAIL_CHARS: usize = 1024;
+
+/// `detail` with JWT-shaped text redacted and at most [`MAX_DETAIL_CHARS`] characters.
+pub fn bounded_detail(detail: &str) -> String {
+    let redacted = crate::types::redact_tokens(detail);
+    match redacted.char_indices().nth(MAX_DETAIL_CHARS) {
+        Some((cut, _)) => format!("{}… (truncated)", &redacted[..cut]),
+        None => redacted.into_owned(),
+    }
+}
+
 impl AuditLog {
     /// Open (and recover) the spool, start the writer thread and one shipper per sink. The
     /// returned task ends, after everything queued is fsynced and shipped (sinks that are down get
@@ -396,6 +408,12 @@ impl AuditLog {
     /// Queue an event. Never blocks. Alert rules see it here, before it reaches the spool.
     pub fn record(&self, mut event: AuditEvent) {
         event.outcome = event.kind.outcome(event.reason.is_some());
+        // Details quote clients and backends ("invalid command-line argument: …"): whatever a
+        // client put in a startup field is echoed there, so JWT-shaped text is redacted and the
+        // length capped, whatever path produced the text.
+        if let Some(detail) = event.detail.as_mut() {
+            *detail = bounded_detail(detail);
+        }
         let counters = &self.shared.health.counters;
         let fired = self.shared.alerter.observe(&event);
         self.send(event);

@@ -212,6 +212,8 @@ struct Inner {
     by_tenant: HashMap<String, Vec<Candidate>>,
     token_cache: moka::sync::Cache<[u8; 32], Arc<VerifiedClaims>>,
     counters: Arc<Counters>,
+    /// Every issuer's audiences (the tenant-independent first audience check).
+    audiences: Vec<String>,
     /// When this validator was built (the age of keys that were never fetched).
     created: Instant,
 }
@@ -411,8 +413,15 @@ impl Authenticator {
             .max_capacity(TOKEN_CACHE_CAPACITY)
             .expire_after(UntilExp)
             .build();
+        let mut audiences: Vec<String> = runtimes
+            .iter()
+            .flat_map(|r| r.settings.audiences.iter().cloned())
+            .collect();
+        audiences.sort();
+        audiences.dedup();
         Ok(Authenticator {
             inner: Arc::new(Inner {
+                audiences,
                 issuers: runtimes,
                 sources,
                 by_tenant,
@@ -462,6 +471,9 @@ impl Authenticator {
         let kid = jwt::check_header(segments.header)?;
         let claims = jwt::peek_payload(segments.payload)?;
         jwt::check_first_party(&claims, self.scope_hint_for(&claims))?;
+        // Before anything depends on the tenant: a token for another resource gets the same
+        // answer whether its tenant is trusted or not, so the answer reveals no configuration.
+        jwt::check_audience(&claims, &inner.audiences, self.scope_hint_for(&claims))?;
         let hints = jwt::routing_hints(&claims)?;
 
         let Some(candidates) = inner.by_tenant.get(hints.tid) else {

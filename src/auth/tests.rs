@@ -324,6 +324,16 @@ async fn wrong_audience_tells_the_right_scope() {
         h.reason_of(&h.user().audience("API://idgate")).await,
         "audience_mismatch"
     );
+    // The same answer for a tenant that is not trusted: the refusal reveals no configuration.
+    let untrusted = h
+        .refuse(
+            &h.user()
+                .audience("api://some-other-api")
+                .tenant(OTHER_TENANT),
+        )
+        .await;
+    assert_eq!(untrusted.reason(), "audience_mismatch");
+    assert_eq!(untrusted.client_message(), e.client_message());
     // Several audiences: refused even if one is ours.
     let spec = h
         .user()

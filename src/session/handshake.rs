@@ -83,6 +83,9 @@ pub enum HandshakeError {
     /// The token was empty or not UTF-8.
     #[error("token is empty or not UTF-8")]
     BadTokenEncoding,
+    /// `handshake_timeout` passed before the startup packet was complete.
+    #[error("timed out waiting for the startup packet")]
+    StartupTimeout,
 }
 
 impl Reportable for HandshakeError {
@@ -97,6 +100,7 @@ impl Reportable for HandshakeError {
             | HandshakeError::UnexpectedRequest(_)
             | HandshakeError::UnexpectedMessage { .. }
             | HandshakeError::Frame(_)
+            | HandshakeError::StartupTimeout
             | HandshakeError::BadTokenEncoding => ErrorKind::User,
         }
     }
@@ -122,6 +126,7 @@ impl Reportable for HandshakeError {
             HandshakeError::Frame(FrameError::TooLong { .. }) => "token_too_large".into(),
             HandshakeError::Frame(FrameError::BadLength(_)) => "malformed_message".into(),
             HandshakeError::BadTokenEncoding => "malformed_token".into(),
+            HandshakeError::StartupTimeout => "handshake_timeout".into(),
         }
     }
 }
@@ -139,6 +144,7 @@ impl UserFacing for HandshakeError {
             | HandshakeError::DirectTlsWithoutAlpn
             | HandshakeError::UnexpectedRequest(_)
             | HandshakeError::UnexpectedMessage { .. }
+            | HandshakeError::StartupTimeout
             | HandshakeError::Frame(_) => sqlstate::PROTOCOL_VIOLATION,
         }
     }
@@ -169,6 +175,9 @@ impl UserFacing for HandshakeError {
             HandshakeError::BadTokenEncoding => {
                 "authentication failed: the access token is empty or not text; send a Microsoft Entra ID access token".into()
             }
+            HandshakeError::StartupTimeout => {
+                "timed out waiting for the startup packet; check that the client speaks the PostgreSQL protocol".into()
+            }
             HandshakeError::Disconnected(_) | HandshakeError::Tls(_) | HandshakeError::Frame(_) => {
                 "protocol violation".into()
             }
@@ -179,12 +188,15 @@ impl UserFacing for HandshakeError {
 /// Run encryption negotiation up to a StartupMessage or CancelRequest.
 ///
 /// On failure, returns the stream (when it can still carry an ErrorResponse) with the error.
+/// A startup packet still incomplete at `deadline` is answered with an ErrorResponse; the caller
+/// bounds the whole call (the TLS handshake included) by the same deadline.
 /// Not cancel safe.
 pub async fn negotiate(
     mut tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<&Arc<rustls::ServerConfig>>,
     allow_plaintext: bool,
+    deadline: tokio::time::Instant,
 ) -> Result<Handshake, (Option<ClientStream>, HandshakeError)> {
     // PostgreSQL 17 direct TLS: the first byte is a TLS handshake record.
     let mut first = [0u8; 1];
@@ -203,13 +215,14 @@ pub async fn negotiate(
             return Err((None, HandshakeError::TlsRequired));
         };
         let (stream, info) = accept_tls(tcp, config, true).await?;
-        return after_tls(stream, info).await;
+        return after_tls(stream, info, deadline).await;
     }
     let mut gss_declined = false;
     loop {
-        let packet = match read_initial_packet(&mut tcp).await {
-            Ok(p) => p,
-            Err(e) => return Err((Some(Either::Left(tcp)), e.into())),
+        let packet = match tokio::time::timeout_at(deadline, read_initial_packet(&mut tcp)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Err((Some(Either::Left(tcp)), e.into())),
+            Err(_) => return Err((Some(Either::Left(tcp)), HandshakeError::StartupTimeout)),
         };
         match packet {
             InitialPacket::SslRequest => match tls {
@@ -218,7 +231,7 @@ pub async fn negotiate(
                         return Err((None, HandshakeError::Disconnected(e)));
                     }
                     let (stream, info) = accept_tls(tcp, config, false).await?;
-                    return after_tls(stream, info).await;
+                    return after_tls(stream, info, deadline).await;
                 }
                 None => {
                     if let Err(e) = tcp.write_all(b"N").await {
@@ -280,8 +293,13 @@ async fn accept_tls(
 async fn after_tls(
     mut stream: ClientStream,
     info: TlsInfo,
+    deadline: tokio::time::Instant,
 ) -> Result<Handshake, (Option<ClientStream>, HandshakeError)> {
-    match read_initial_packet(&mut stream).await {
+    let packet = tokio::time::timeout_at(deadline, read_initial_packet(&mut stream)).await;
+    let Ok(packet) = packet else {
+        return Err((Some(stream), HandshakeError::StartupTimeout));
+    };
+    match packet {
         Ok(InitialPacket::Startup(startup)) => Ok(Handshake::Startup {
             stream,
             startup,

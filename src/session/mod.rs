@@ -202,13 +202,16 @@ pub async fn handle_client(
     // Over the cap, the handshake still runs (bounded by handshake_timeout) so the client gets a
     // readable 53300 instead of a broken TLS negotiation; no token is read and no backend is used.
     let permit = gw.connections.clone().try_acquire_owned().ok();
+    // The inner deadline answers a stalled startup with an ErrorResponse; this one bounds the
+    // TLS handshake too, a moment later so the inner one wins a tie.
     let handshake = tokio::time::timeout_at(
-        deadline,
+        deadline + std::time::Duration::from_millis(100),
         handshake::negotiate(
             tcp,
             client_addr,
             snap.tls.as_ref(),
             listener.allow_plaintext,
+            deadline,
         )
         .instrument(tracing::info_span!("handshake")),
     )
@@ -588,6 +591,9 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
         | SessionError::Identity(_)
         | SessionError::Params(_)
         | SessionError::Route(_) => ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail),
+        // A stall is not a failed login (as for the token stage): no auth_failed, so idle
+        // connections do not count towards brute-force alerts.
+        SessionError::Handshake(HandshakeError::StartupTimeout) => {}
         SessionError::Handshake(h) if h.kind() == ErrorKind::User => {
             ctx.emit(EventKind::AuthFailed, Some(reason.clone()), detail)
         }
@@ -618,11 +624,14 @@ async fn fail(ctx: &mut SessionContext, stream: Option<&mut ClientStream>, e: &S
     };
     let mut out = Vec::new();
     let detail = format!("session id {}", ctx.id);
+    // Messages may quote the client's own startup values back (a backend's "invalid value
+    // for parameter …"): a token pasted there is not echoed.
+    let message = e.client_message();
     messages::error_response(
         &mut out,
         Severity::Fatal,
         &code,
-        &e.client_message(),
+        &redact_tokens(&message),
         Some(&detail),
     );
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {

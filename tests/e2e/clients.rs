@@ -43,6 +43,41 @@ async fn tokio_postgres_reads_rows_as_the_mapped_user() {
 }
 
 #[tokio::test]
+async fn a_token_pasted_into_a_startup_setting_is_never_audited_or_echoed() {
+    let env = Env::start().await;
+    let token = env.token(ALICE);
+    let signature = token.rsplit('.').next().unwrap().to_owned();
+    // PostgreSQL itself quotes the bad value back ("invalid value for parameter …").
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("localhost")
+        .port(env.port())
+        .dbname("dev")
+        .user(ALICE)
+        .password(&token)
+        .options(&format!("-c DateStyle={token}"))
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*env.client_tls(false)).clone());
+    let err = cfg
+        .connect(tls)
+        .await
+        .err()
+        .expect("DateStyle=<token> is refused");
+    let message = err.as_db_error().map(|d| d.message().to_owned()).unwrap();
+    assert!(!message.contains(&signature), "{message}");
+    assert!(message.contains("[redacted token]"), "{message}");
+    let failed = env
+        .wait_event(|e| e["kind"] == "backend_login_failed")
+        .await;
+    assert!(failed["detail"]
+        .as_str()
+        .unwrap()
+        .contains("[redacted token]"));
+    // Nothing in the audit file holds the token's signature.
+    let audit = std::fs::read_to_string(&env.audit_path).unwrap();
+    assert!(!audit.contains(&signature));
+}
+
+#[tokio::test]
 async fn a_token_read_from_a_file_with_a_trailing_newline_works() {
     let env = Env::start().await;
     let token = format!("{}\n", env.token(ALICE));
