@@ -197,6 +197,9 @@ pub struct SessionFacts {
     /// Startup `plugin_name` (Redshift drivers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plugin_name: Option<String>,
+    /// Startup `client_protocol_version` (Redshift drivers: the protocol they ask for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_protocol_version: Option<String>,
     /// Pool the session was routed to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,

@@ -372,6 +372,7 @@ async fn session(
     ctx.facts.application_name = fact("application_name");
     ctx.facts.driver_version = fact("driver_version");
     ctx.facts.plugin_name = fact("plugin_name");
+    ctx.facts.client_protocol_version = fact("client_protocol_version");
 
     let carriage = if params.get("idp_type").is_some() {
         TokenCarriage::RedshiftIdp

@@ -610,6 +610,11 @@ async fn token_chain_redshift_pool_through_a_second_idgate() {
             .unwrap_or_default()
             .starts_with("Redshift Python Driver"));
         assert!(at_b.get("plugin_name").is_none(), "{at_b}");
+        // The driver's protocol version travelled A → B untouched (redshift_connector 2.2.0
+        // asks for 2, BINARY).
+        let at_a_auth = wait_events(&a.audit_path, |e| e["kind"] == "auth_succeeded").await;
+        assert_eq!(at_a_auth["client_protocol_version"], "2", "{at_a_auth}");
+        assert_eq!(at_b["client_protocol_version"], "2", "{at_b}");
         let at_a = wait_events(&a.audit_path, |e| e["kind"] == "session_routed").await;
         assert_eq!(at_a["pool"], "redshift-wg");
     }
