@@ -3,16 +3,17 @@
 
 use std::{
     collections::HashMap,
-    io::Write,
-    sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use idgate::devidp::TokenSpec;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use crate::{
-    harness::{Env, EnvOptions, ALICE, BOB},
+    harness::{sqlstate, Capture, Env, EnvOptions, ALICE, BOB},
     raw,
 };
 
@@ -74,18 +75,167 @@ async fn exactly_one_session_ended_per_accepted_connection() {
         .starts_with("127.0.0.1:"));
 }
 
-/// A `Write` that appends to a shared buffer (the log capture).
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
+/// The `session_ended` events written so far.
+fn ended_events(env: &Env) -> Vec<serde_json::Value> {
+    env.audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "session_ended")
+        .collect()
+}
 
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
+/// Wait until there are `n` `session_ended` events (up to 15 s) and return the last one.
+async fn wait_ended(env: &Env, n: usize) -> serde_json::Value {
+    for _ in 0..300 {
+        let ended = ended_events(env);
+        if ended.len() >= n {
+            assert_eq!(ended.len(), n, "one connection ended twice: {ended:#?}");
+            return ended[n - 1].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    panic!(
+        "expected {n} session_ended events; have:\n{:#?}",
+        env.audit_events()
+    );
+}
+
+#[tokio::test]
+async fn every_way_a_connection_ends_gives_exactly_one_session_ended() {
+    // A 1 s handshake timeout and room for one session at a time.
+    let mut env = Env::with(EnvOptions {
+        tweak: Box::new(|c, _| {
+            c.listener.handshake_timeout = Duration::from_secs(1);
+            c.listener.max_connections = 1;
+        }),
+        ..EnvOptions::default()
+    })
+    .await;
+    let mut want = Vec::new();
+
+    // 1. The backend refuses the login: a database that does not exist.
+    let err = env
+        .pg_connect_db(Some(ALICE), &env.token(ALICE), "no_such_db")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&err), "3D000", "{err}");
+    want.push("backend_refused_3D000");
+    assert_eq!(wait_ended(&env, want.len()).await["end_reason"], want[0]);
+
+    // 2. A TCP connection that never sends a byte: closed by the handshake timeout.
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest))
+        .await
+        .expect("idgate must close a silent connection")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    want.push("handshake_timeout");
+    assert_eq!(wait_ended(&env, want.len()).await["end_reason"], want[1]);
+
+    // 3. A CancelRequest with a key idgate never handed out.
+    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+    let mut req = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    req.extend_from_slice(&4242i32.to_be_bytes());
+    req.extend_from_slice(&(-17i32).to_be_bytes());
+    tcp.write_all(&req).await.unwrap();
+    let mut rest = Vec::new();
+    tcp.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "a cancel gets no answer");
+    want.push("cancel_request_unknown_key");
+    assert_eq!(wait_ended(&env, want.len()).await["end_reason"], want[2]);
+
+    // 4. A client that vanishes while its query runs (no Terminate, no TLS close_notify).
+    let mut tls = raw::tls_connect(env.addr, env.client_tls(false)).await;
+    tls.write_all(&raw::startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, _) = raw::read_msg(&mut tls).await.unwrap();
+    assert_eq!(tag, b'R');
+    let mut token = env.token(ALICE).into_bytes();
+    token.push(0);
+    tls.write_all(&raw::message(b'p', &token)).await.unwrap();
+    let msgs = raw::read_until_ready(&mut tls).await;
+    assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'));
+    tls.write_all(&raw::message(b'Q', b"SELECT pg_sleep(5)\0"))
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dropped_at = Instant::now();
+    drop(tls);
+    let ended = wait_ended(&env, want.len() + 1).await;
+    let reason = ended["end_reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with("client_error"),
+        "mid-relay disconnect: {ended}"
+    );
+    assert_eq!(ended["db_user"], "aad:alice@contoso.example");
+    assert!(ended["bytes_in"].as_u64().unwrap() > 0);
+    assert!(
+        dropped_at.elapsed() < Duration::from_secs(4),
+        "the session must end when the client goes, not when the query finishes"
+    );
+    want.push("client_error");
+
+    // 5. The connection cap: one session open, the next gets 53300.
+    let first = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    first.simple_query("SELECT 1").await.unwrap();
+    let err = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(sqlstate(&err), "53300", "{err}");
+    want.push("too_many_connections");
+    assert_eq!(
+        wait_ended(&env, want.len()).await["end_reason"],
+        "too_many_connections"
+    );
+    drop(first);
+    want.push("closed");
+    assert_eq!(wait_ended(&env, want.len()).await["end_reason"], "closed");
+
+    env.stop_gateway().await;
+    let events = env.audit_events();
+    let mut accepted: HashMap<String, usize> = HashMap::new();
+    let mut ended: HashMap<String, usize> = HashMap::new();
+    for e in &events {
+        let sid = e["session_id"].as_str().unwrap().to_owned();
+        match e["kind"].as_str().unwrap() {
+            "connection_accepted" => *accepted.entry(sid).or_default() += 1,
+            "session_ended" => *ended.entry(sid).or_default() += 1,
+            _ => {}
+        }
     }
+    assert_eq!(accepted.len(), want.len(), "{events:#?}");
+    assert!(accepted.values().all(|n| *n == 1), "{accepted:?}");
+    assert_eq!(
+        accepted, ended,
+        "every accepted connection ends exactly once"
+    );
+    let reasons: Vec<String> = ended_events(&env)
+        .iter()
+        .map(|e| {
+            let r = e["end_reason"].as_str().unwrap();
+            if r.starts_with("client_error") {
+                "client_error".to_owned()
+            } else {
+                r.to_owned()
+            }
+        })
+        .collect();
+    assert_eq!(reasons, want);
+    // The refusals that reach the audit as failures say why.
+    let failed = events
+        .iter()
+        .find(|e| e["kind"] == "backend_login_failed")
+        .unwrap();
+    assert_eq!(failed["reason"], "backend_refused_3D000");
 }
 
 #[tokio::test]

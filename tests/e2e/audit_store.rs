@@ -12,14 +12,18 @@ use std::{
 };
 
 use idgate::{
-    audit::{pg::PgSink, query::read_path},
+    audit::{
+        pg::PgSink,
+        query::read_path,
+        spool::{list_segments, load_cursor, SpoolPos},
+    },
     config::{AlertPer, AlertRule, AuditFormat},
     pgcluster::{ClusterSettings, PgCluster, StopMode},
     types::Secret,
 };
 use serde_json::{json, Value};
 
-use crate::harness::{free_port, sqlstate, Env, EnvOptions, ALICE, APP_GUID, TENANT};
+use crate::harness::{free_port, metric_value, sqlstate, Env, EnvOptions, ALICE, APP_GUID, TENANT};
 
 /// Put in the audit URL (trust auth ignores it) so tests can check it never leaks.
 pub const AUDIT_DB_PASSWORD: &str = "audit-db-secret-pw-7f3a";
@@ -90,6 +94,20 @@ fn assert_exactly_once(spool: &[String], table: &[String]) {
     assert_eq!(spool_set, table_set);
 }
 
+/// Audit counters from `/metrics`: (spooled, shipped summed over sinks, ship errors).
+async fn ship_counters(env: &Env) -> (f64, f64, f64) {
+    let (status, body) = env.admin("GET", "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    let get = |series: &str| {
+        metric_value(&body, series).unwrap_or_else(|| panic!("/metrics has no {series}:\n{body}"))
+    };
+    (
+        get("idgate_audit_events_total{what=\"spooled\"}"),
+        get("idgate_audit_events_total{what=\"shipped\"}"),
+        get("idgate_audit_errors_total{what=\"ship\"}"),
+    )
+}
+
 #[tokio::test]
 async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
     let _ = tracing_subscriber::fmt()
@@ -98,6 +116,7 @@ async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
         .try_init();
     let (db, url) = audit_db("audit-outage").await;
     let env = Env::with(EnvOptions {
+        admin: true,
         tweak: Box::new(move |c, _| {
             c.audit.postgres_url = Some(Secret::new(url));
             c.audit.postgres_migrate = true;
@@ -106,12 +125,17 @@ async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
         ..Default::default()
     })
     .await;
+    // Two sinks: the harness's file sink and PostgreSQL; `shipped` counts both.
+    assert!(env.config.audit.file_path.is_some());
+    let spool_dir = env.config.audit.spool_dir.clone();
     let token = env.token(ALICE);
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let env_ref = Arc::new(env);
     let mut tasks = Vec::new();
+    // Spooled count and PostgreSQL cursor once the first delivery has failed.
+    let mut at_first_error = None;
     for _ in 0..1000 {
         let permit = sem.clone().acquire_owned().await.unwrap();
         let (env, token, counter) = (env_ref.clone(), token.clone(), done.clone());
@@ -121,12 +145,65 @@ async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             drop(permit);
         }));
-        let n = done.load(std::sync::atomic::Ordering::SeqCst);
         if tasks.len() == 150 {
+            // Delivery worked so far (the table is being filled and no delivery failed).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while table_count(&db).await == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "nothing shipped before the outage"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let (_, _, errors) = ship_counters(&env_ref).await;
+            assert_eq!(errors, 0.0, "a delivery failed before the outage");
             db.stop(StopMode::Immediate).await.unwrap();
+            // Logins go on while deliveries to the stopped store fail.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let (spooled, _, errors) = ship_counters(&env_ref).await;
+                if errors > 0.0 {
+                    at_first_error = Some((spooled, load_cursor(&spool_dir, "postgres")));
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no delivery failed with the audit store stopped"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         if tasks.len() == 700 {
-            assert!(n < 1000);
+            // Still down: 550 more sessions were spooled, none reached PostgreSQL.
+            let (spooled_err, cursor_err) = at_first_error.unwrap();
+            // Let the sessions in flight end (and the file sink catch up), which only widens
+            // the gap a working PostgreSQL shipper would close.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (spooled, shipped, errors) = ship_counters(&env_ref).await;
+            assert!(
+                spooled >= spooled_err + 1000.0,
+                "sessions went on during the outage: spooled {spooled_err} → {spooled}"
+            );
+            assert!(errors >= 1.0);
+            // PostgreSQL's cursor has not moved since its first failure, while the file
+            // sink's went on.
+            let pg_cursor = load_cursor(&spool_dir, "postgres");
+            assert_eq!(
+                pg_cursor, cursor_err,
+                "the PostgreSQL cursor moved while the store was down"
+            );
+            assert!(load_cursor(&spool_dir, "file") > pg_cursor);
+            // shipped ≤ (file: spooled) + (PostgreSQL: at most what was spooled at its first
+            // failure): at least everything spooled since is still waiting for PostgreSQL.
+            assert!(
+                2.0 * spooled - shipped >= spooled - spooled_err,
+                "PostgreSQL deliveries did not lag: spooled {spooled}, shipped {shipped} \
+                 (both sinks), spooled at the first failure {spooled_err}"
+            );
+            eprintln!(
+                "outage: spooled {spooled_err} at the first failed delivery, {spooled} at restart; \
+                 shipped {shipped} over both sinks; {errors} failed deliveries"
+            );
             db.restart().await.unwrap();
         }
     }
@@ -134,23 +211,31 @@ async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
         t.await.unwrap();
     }
     let storm = started.elapsed();
-    // Everything spooled reaches the table once the shipper has caught up.
-    let spool_dir = env_ref.config.audit.spool_dir.clone();
+    // Everything spooled reaches the table (and the file) once the shippers have caught up:
+    // each event is delivered to the file once and to PostgreSQL at least once.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let spooled = spool_ids(&spool_dir).len();
-        if spooled >= 5000 && table_count(&db).await >= spooled {
+        let in_spool = spool_ids(&spool_dir).len();
+        let (spooled, shipped, _) = ship_counters(&env_ref).await;
+        let in_table = table_count(&db).await;
+        if in_spool >= 5000 && in_table >= in_spool && shipped >= 2.0 * spooled {
+            assert_eq!(spooled, in_spool as f64);
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "shipper did not catch up: spool {spooled}, table {}",
-            table_count(&db).await
+            "shippers did not catch up: spool {in_spool} (counter {spooled}), table {in_table}, \
+             shipped {shipped} over both sinks"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut env = Arc::try_unwrap(env_ref).ok().unwrap();
     env.stop_gateway().await;
+    // Both shippers ended at the same (final) position.
+    assert_eq!(
+        load_cursor(&spool_dir, "postgres"),
+        load_cursor(&spool_dir, "file")
+    );
     let spool = spool_ids(&spool_dir);
     let table = table_ids(&db).await;
     // 1000 sessions × (accepted, tls, auth_succeeded, routed, ended).
@@ -160,6 +245,7 @@ async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
         .query_strings("SELECT kind, count(*) FROM audit_events GROUP BY kind ORDER BY kind")
         .await
         .unwrap();
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
     assert!(
         kinds.iter().all(|r| r[1].as_deref() == Some("1000")),
         "{kinds:?}"
@@ -168,7 +254,7 @@ async fn postgres_outage_delays_but_loses_nothing_and_duplicates_nothing() {
 }
 
 /// A config file for a separate idgate process on `port`, sharing `env`'s IdP and cluster.
-fn process_config(env: &Env, port: u16, spool: &str) -> PathBuf {
+fn process_config(env: &Env, port: u16, admin_port: u16, spool: &str) -> PathBuf {
     let toml = format!(
         r#"
 [listener]
@@ -182,6 +268,9 @@ authority = "{authority}"
 tenants = ["{TENANT}"]
 audiences = ["api://idgate", "{APP_GUID}"]
 required_scopes = ["jdbc_login"]
+
+[admin]
+addr = "127.0.0.1:{admin_port}"
 
 [[pools]]
 name = "main"
@@ -231,12 +320,45 @@ async fn wait_listening(port: u16) {
     panic!("idgate did not start listening on {port}");
 }
 
+/// Complete events in the spool `dir` before `pos` (what a shipper at `pos` has delivered).
+fn events_before(dir: &Path, pos: SpoolPos) -> usize {
+    let mut n = 0;
+    for (seq, path) in list_segments(dir).unwrap() {
+        if seq > pos.seq {
+            break;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let upto = if seq == pos.seq {
+            usize::try_from(pos.offset).unwrap()
+        } else {
+            bytes.len()
+        };
+        assert!(
+            upto <= bytes.len(),
+            "cursor {pos:?} is past the end of {path:?}"
+        );
+        n += bytes[..upto].iter().filter(|b| **b == b'\n').count();
+    }
+    n
+}
+
+/// One series of the `/metrics` of the idgate process whose admin listener is on `port`.
+async fn process_metric(port: u16, series: &str) -> f64 {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&body, series).unwrap_or_else(|| panic!("/metrics has no {series}:\n{body}"))
+}
+
 #[tokio::test]
 async fn sigkill_during_a_login_storm_loses_no_acknowledged_event() {
     let (db, url) = audit_db("audit-crash").await;
     let env = Arc::new(Env::start().await);
-    let port = free_port();
-    let config = process_config(&env, port, "crash-spool");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = process_config(&env, port, admin_port, "crash-spool");
     let log = env.dir.path().join("crash-idgate.log");
     let mut child = spawn_idgate(&config, &url, &log);
     wait_listening(port).await;
@@ -268,6 +390,20 @@ async fn sigkill_during_a_login_storm_loses_no_acknowledged_event() {
     let spool_dir = env.dir.path().join("crash-spool");
     let acknowledged = spool_ids(&spool_dir);
     assert!(!acknowledged.is_empty());
+    // The shipper persisted its position while the storm ran, and only after delivering:
+    // everything before the cursor is in the table already.
+    assert!(spool_dir.join("cursors/postgres.json").is_file());
+    let killed_at = load_cursor(&spool_dir, "postgres");
+    let shipped_before_kill = events_before(&spool_dir, killed_at);
+    assert!(
+        shipped_before_kill > 0,
+        "the shipper saved no position before the SIGKILL ({killed_at:?})"
+    );
+    let in_table = table_count(&db).await;
+    assert!(
+        in_table >= shipped_before_kill,
+        "the cursor ({shipped_before_kill} events) is ahead of the table ({in_table} rows)"
+    );
 
     // Restart: the shipper resumes from its cursor; a few more logins; then a clean stop.
     let mut child = spawn_idgate(&config, &url, &log);
@@ -277,11 +413,21 @@ async fn sigkill_during_a_login_storm_loses_no_acknowledged_event() {
             .await
             .unwrap();
     }
+    // The second run delivers exactly what lies after the saved cursor, not the whole spool.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while table_count(&db).await < spool_ids(&spool_dir).len() {
+    loop {
+        let total = spool_ids(&spool_dir).len();
+        let shipped =
+            process_metric(admin_port, "idgate_audit_events_total{what=\"shipped\"}").await;
+        let in_table = table_count(&db).await;
+        if in_table >= total && shipped == (total - shipped_before_kill) as f64 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "shipper did not catch up after restart"
+            "after restart: {total} events spooled, {shipped_before_kill} shipped before the \
+             SIGKILL, {shipped} shipped since the restart (want {}), {in_table} in the table",
+            total - shipped_before_kill
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -290,7 +436,19 @@ async fn sigkill_during_a_login_storm_loses_no_acknowledged_event() {
         .status()
         .unwrap();
     child.wait().unwrap();
+    // The cursor advanced to the end of the spool.
+    let final_pos = load_cursor(&spool_dir, "postgres");
+    assert!(final_pos > killed_at, "{final_pos:?} after {killed_at:?}");
+    let (last_seq, last_path) = list_segments(&spool_dir).unwrap().pop().unwrap();
+    assert_eq!(
+        final_pos,
+        SpoolPos {
+            seq: last_seq,
+            offset: std::fs::metadata(&last_path).unwrap().len()
+        }
+    );
     let spool = spool_ids(&spool_dir);
+    assert_eq!(events_before(&spool_dir, final_pos), spool.len());
     let table = table_ids(&db).await;
     let table_set: BTreeSet<&String> = table.iter().collect();
     assert!(
@@ -302,20 +460,40 @@ async fn sigkill_during_a_login_storm_loses_no_acknowledged_event() {
     assert!(logs.contains("idgate listening"));
     assert!(!logs.contains(&token) && !logs.contains(AUDIT_DB_PASSWORD));
     eprintln!(
-        "crash test: {logins} logins before SIGKILL, {} events acknowledged",
+        "crash test: {logins} logins before SIGKILL, {} events acknowledged, {shipped_before_kill} \
+         shipped before it",
         acknowledged.len()
     );
+}
+
+/// `/readyz` (status, body) once it answers `want`, or the last answer after ~10 s.
+async fn readyz_until(env: &Env, want: u16) -> (u16, String) {
+    let mut last = env.admin("GET", "/readyz").await;
+    for _ in 0..100 {
+        if last.0 == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = env.admin("GET", "/readyz").await;
+    }
+    last
 }
 
 #[tokio::test]
 async fn fail_closed_refuses_sessions_while_the_spool_is_unwritable() {
     let mut env = Env::with(EnvOptions {
+        admin: true,
         tweak: Box::new(|c, _| c.audit.fail_closed = true),
         ..Default::default()
     })
     .await;
     let token = env.token(ALICE);
     env.pg_connect(Some(ALICE), &token).await.unwrap();
+    // Ready (the pool's target is up, the spool writable) before the spool breaks.
+    let (status, body) = readyz_until(&env, 200).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(env.metric("idgate_audit_healthy").await, 1.0);
+    assert_eq!(env.metric("idgate_audit_sessions_refused_total").await, 0.0);
     let spool = env.config.audit.spool_dir.clone();
     let moved = env.dir.path().join("spool-moved");
     std::fs::rename(&spool, &moved).unwrap();
@@ -334,8 +512,24 @@ async fn fail_closed_refuses_sessions_while_the_spool_is_unwritable() {
     assert_eq!(sqlstate(&e), "08006");
     let msg = e.as_db_error().unwrap().message().to_owned();
     assert!(msg.contains("audit trail is unavailable"), "{msg}");
-    // Still refused a moment later.
+    // Not ready, and the reason names the audit spool; the gauge says unhealthy.
+    let (status, body) = env.admin("GET", "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("audit"), "{body}");
+    assert_eq!(env.metric("idgate_audit_healthy").await, 0.0);
+    // Still refused a moment later (the writer's retries keep failing).
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(env.pg_connect(Some(ALICE), &token).await.is_err());
+    assert_eq!(env.admin("GET", "/readyz").await.0, 503);
+    assert_eq!(env.metric("idgate_audit_healthy").await, 0.0);
+    assert!(env.metric("idgate_audit_sessions_refused_total").await >= 2.0);
+    // The refused sessions' own events were tried (and failed) by now: the writer retries
+    // every 250 ms.
+    assert!(
+        env.metric("idgate_audit_errors_total{what=\"spool\"}")
+            .await
+            >= 1.0
+    );
     // Writable again → accepted.
     std::fs::remove_file(&spool).unwrap();
     std::fs::rename(&moved, &spool).unwrap();
@@ -351,6 +545,12 @@ async fn fail_closed_refuses_sessions_while_the_spool_is_unwritable() {
         accepted,
         "sessions must be accepted once the spool is writable"
     );
+    let (status, body) = readyz_until(&env, 200).await;
+    assert_eq!(
+        status, 200,
+        "ready again once the spool is writable: {body}"
+    );
+    assert_eq!(env.metric("idgate_audit_healthy").await, 1.0);
     env.stop_gateway().await;
     // The refusals themselves were kept in memory and spooled once possible.
     let events = read_path(&spool).unwrap();
@@ -379,7 +579,48 @@ fn known_events() -> Vec<Value> {
         json!({"event_id":"00000000-0000-4000-8000-000000000004","time":recent(9),"kind":"session_ended",
                "session_id":"10000000-0000-4000-8000-000000000001","client_addr":"10.0.0.1:1000","db_user":"aad:alice@contoso.example",
                "tenant":"t1","pool":"main","end_reason":"closed"}),
+        // One target skipped (not a refusal, no outcome), then the session's final refusal.
+        json!({"event_id":"00000000-0000-4000-8000-000000000006","time":recent(8),"kind":"backend_attempt_failed",
+               "reason":"backend_refused_53300","session_id":"10000000-0000-4000-8000-000000000006","client_addr":"10.0.0.3:1003",
+               "db_user":"aad:alice@contoso.example","tenant":"t1","pool":"main","target":"127.0.0.1:5433"}),
+        json!({"event_id":"00000000-0000-4000-8000-000000000007","time":recent(8),"kind":"backend_login_failed","outcome":"failure",
+               "reason":"backend_unreachable","session_id":"10000000-0000-4000-8000-000000000006","client_addr":"10.0.0.3:1003",
+               "db_user":"aad:alice@contoso.example","tenant":"t1","pool":"main","target":"127.0.0.1:5434"}),
     ]
+}
+
+/// The aligned sections of `idgate audit summary` (table format): the first line, then each
+/// section's rows (header first) split into cells on runs of two or more spaces.
+fn summary_sections(text: &str) -> (String, Vec<Vec<Vec<String>>>) {
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default().to_owned();
+    let mut sections: Vec<Vec<Vec<String>>> = Vec::new();
+    let mut current = Vec::new();
+    for line in lines {
+        if line.trim().is_empty() {
+            if !current.is_empty() {
+                sections.push(std::mem::take(&mut current));
+            }
+            continue;
+        }
+        current.push(
+            line.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        );
+    }
+    if !current.is_empty() {
+        sections.push(current);
+    }
+    (first, sections)
+}
+
+fn rows(rows: &[&[&str]]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| r.iter().map(|c| c.to_string()).collect())
+        .collect()
 }
 
 fn cli(args: &[&str], env: &[(&str, &str)]) -> String {
@@ -426,14 +667,14 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
         vec![vec![Some("1".into()), Some("0001_audit_events".into())]]
     );
     // Idempotent, batched sink: delivering twice stores each event once.
-    let mut sink = PgSink::new(Secret::new(url.clone()));
+    let mut sink = PgSink::new(Secret::new(url.clone()), false);
     sink.deliver(&events).await.unwrap();
     sink.deliver(&events).await.unwrap();
-    assert_eq!(table_count(&db).await, 4);
+    assert_eq!(table_count(&db).await, 6);
 
     let cases: Vec<(Vec<&str>, Vec<u32>)> = vec![
-        (vec![], vec![1, 2, 3, 4]),
-        (vec!["--since", "1h"], vec![1, 4]),
+        (vec![], vec![1, 2, 3, 4, 6, 7]),
+        (vec!["--since", "1h"], vec![1, 4, 6, 7]),
         (
             vec![
                 "--from",
@@ -443,18 +684,26 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
             ],
             vec![3],
         ),
-        (vec!["--user", "alice@contoso.example"], vec![1, 4]),
+        (vec!["--user", "alice@contoso.example"], vec![1, 4, 6, 7]),
         (vec!["--user", "BOB@contoso.example"], vec![2]),
         (vec!["--tenant", "t2"], vec![3]),
-        (vec!["--outcome", "failure"], vec![2, 3]),
+        // A skipped target has no outcome: it is not a failure.
+        (vec!["--outcome", "failure"], vec![2, 3, 7]),
         (vec!["--outcome", "success"], vec![1]),
         (vec!["--reason", "token_expired"], vec![2]),
+        (vec!["--reason", "backend_refused_53300"], vec![6]),
         (vec!["--pool", "other"], vec![3]),
+        (vec!["--pool", "main", "--outcome", "failure"], vec![2, 7]),
         (vec!["--client-addr", "10.0.0.2"], vec![2, 3]),
         (
             vec!["--session", "10000000-0000-4000-8000-000000000001"],
             vec![1, 4],
         ),
+        (
+            vec!["--session", "10000000-0000-4000-8000-000000000006"],
+            vec![6, 7],
+        ),
+        (vec!["--kind", "backend_attempt_failed"], vec![6]),
         (
             vec![
                 "--kind",
@@ -469,18 +718,19 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
     ];
     let file_s = file.to_str().unwrap();
     let spool_s = spool.to_str().unwrap();
+    let sources = [
+        vec!["--file", file_s],
+        vec!["--spool", spool_s],
+        vec!["--database-url", url.as_str()],
+    ];
     for (filter, want) in &cases {
         let want: BTreeSet<String> = want
             .iter()
             .map(|n| format!("00000000-0000-4000-8000-{n:012}"))
             .collect();
-        for source in [
-            vec!["--file", file_s],
-            vec!["--spool", spool_s],
-            vec!["--database-url", url.as_str()],
-        ] {
+        for source in &sources {
             let mut args = vec!["audit", "query", "--format", "json"];
-            args.extend(&source);
+            args.extend(source);
             args.extend(filter);
             let got: BTreeSet<String> = cli(&args, &[])
                 .lines()
@@ -494,14 +744,14 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
             assert_eq!(got, want, "filter {filter:?} on {source:?}");
         }
     }
-    // Table: a header and aligned columns.
+    // Table: a header and aligned columns, the same from every source (PostgreSQL included).
     let table = cli(&["audit", "query", "--file", file_s], &[]);
-    let rows: Vec<&str> = table.lines().collect();
-    assert_eq!(rows.len(), 5, "{table}");
-    assert!(rows[0].starts_with("TIME") && rows[0].contains("CLIENT_ADDR"));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 7, "{table}");
+    assert!(lines[0].starts_with("TIME") && lines[0].contains("CLIENT_ADDR"));
     for col in ["KIND", "OUTCOME", "USER", "POOL"] {
-        let at = rows[0].find(col).unwrap();
-        for r in &rows[1..] {
+        let at = lines[0].find(col).unwrap();
+        for r in &lines[1..] {
             assert_eq!(
                 &r[at - 2..at],
                 "  ",
@@ -509,6 +759,39 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
             );
         }
     }
+    let kind_at = lines[0].find("KIND").unwrap();
+    let outcome_at = lines[0].find("OUTCOME").unwrap();
+    assert_eq!(
+        lines[5][kind_at..outcome_at].trim_end(),
+        "backend_attempt_failed",
+        "{table}"
+    );
+    for source in &sources[1..] {
+        let mut args = vec!["audit", "query", "--format", "table"];
+        args.extend(source);
+        assert_eq!(cli(&args, &[]), table, "table on {source:?}");
+    }
+    let failures_db = cli(
+        &[
+            "audit",
+            "query",
+            "--database-url",
+            &url,
+            "--outcome",
+            "failure",
+        ],
+        &[],
+    );
+    let failures_file = cli(
+        &["audit", "query", "--file", file_s, "--outcome", "failure"],
+        &[],
+    );
+    assert_eq!(failures_db.lines().count(), 4, "{failures_db}");
+    assert_eq!(failures_db, failures_file);
+    assert!(
+        failures_db.contains("carol, \"the\" admin") && failures_db.contains("backend_unreachable"),
+        "{failures_db}"
+    );
     // CSV: header + one row per event, RFC 4180 quoting.
     let csv = cli(
         &["audit", "query", "--format", "csv", "--database-url", &url],
@@ -519,25 +802,43 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
         csv_rows[0],
         "time,kind,outcome,user,client_addr,pool,target,reason,session_id,event_id"
     );
-    assert_eq!(csv_rows.len(), 5);
+    assert_eq!(csv_rows.len(), 7);
     assert!(csv.contains("\"carol, \"\"the\"\" admin\""), "{csv}");
-    // Summary.
-    let summary: Value = serde_json::from_str(&cli(
-        &[
-            "audit",
-            "summary",
-            "--format",
-            "json",
-            "--database-url",
-            &url,
-        ],
-        &[],
-    ))
-    .unwrap();
-    assert_eq!(summary["logins"], 1);
-    assert_eq!(summary["refusals"], 2);
-    assert_eq!(summary["per_reason"]["token_expired"], 1);
-    assert_eq!(summary["top_failing_clients"][0], json!(["10.0.0.2", 2]));
+    // Summary: logins (session_routed) and refusals (auth_failed, backend_login_failed; a
+    // skipped target is neither) per user, reason, pool and client, the same from every source.
+    for source in &sources {
+        let mut args = vec!["audit", "summary", "--format", "json"];
+        args.extend(source);
+        let summary: Value = serde_json::from_str(&cli(&args, &[])).unwrap();
+        let on = format!("summary on {source:?}: {summary:#}");
+        assert_eq!(summary["logins"], 1, "{on}");
+        assert_eq!(summary["refusals"], 3, "{on}");
+        assert_eq!(summary["alerts"], 0, "{on}");
+        assert_eq!(
+            summary["per_user"],
+            json!({
+                "aad:alice@contoso.example": [1, 1],
+                "bob@contoso.example": [0, 1],
+                "carol, \"the\" admin": [0, 1],
+            }),
+            "{on}"
+        );
+        assert_eq!(
+            summary["per_reason"],
+            json!({"backend_unreachable": 1, "bad_signature": 1, "token_expired": 1}),
+            "{on}"
+        );
+        assert_eq!(
+            summary["per_pool"],
+            json!({"main": [1, 2], "other": [0, 1]}),
+            "{on}"
+        );
+        assert_eq!(
+            summary["top_failing_clients"],
+            json!([["10.0.0.2", 2], ["10.0.0.3", 1]]),
+            "{on}"
+        );
+    }
     let recent: Value = serde_json::from_str(&cli(
         &[
             "audit", "summary", "--format", "json", "--since", "24h", "--file", file_s,
@@ -547,13 +848,52 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
     .unwrap();
     assert_eq!(
         (recent["logins"].as_u64(), recent["refusals"].as_u64()),
-        (Some(1), Some(0))
+        (Some(1), Some(1)),
+        "{recent:#}"
     );
-    let text = cli(&["audit", "summary", "--spool", spool_s], &[]);
-    assert!(
-        text.contains("REASON") && text.contains("bad_signature") && text.contains("10.0.0.2"),
-        "{text}"
+    assert_eq!(
+        recent["per_user"],
+        json!({"aad:alice@contoso.example": [1, 1]})
     );
+    assert_eq!(recent["per_pool"], json!({"main": [1, 1]}));
+    assert_eq!(recent["per_reason"], json!({"backend_unreachable": 1}));
+    assert_eq!(recent["top_failing_clients"], json!([["10.0.0.3", 1]]));
+    // The table form: every section's counts, from the spool and from PostgreSQL.
+    for source in &sources[1..] {
+        let mut args = vec!["audit", "summary"];
+        args.extend(source);
+        let text = cli(&args, &[]);
+        let (first, sections) = summary_sections(&text);
+        assert_eq!(first, "logins: 1  refusals: 3  alerts: 0", "{text}");
+        assert_eq!(
+            sections,
+            vec![
+                rows(&[
+                    &["USER", "LOGINS", "REFUSALS"],
+                    &["aad:alice@contoso.example", "1", "1"],
+                    &["bob@contoso.example", "0", "1"],
+                    &["carol, \"the\" admin", "0", "1"],
+                ]),
+                rows(&[
+                    &["REASON", "REFUSALS"],
+                    &["backend_unreachable", "1"],
+                    &["bad_signature", "1"],
+                    &["token_expired", "1"],
+                ]),
+                rows(&[
+                    &["POOL", "LOGINS", "REFUSALS"],
+                    &["main", "1", "2"],
+                    &["other", "0", "1"],
+                ]),
+                rows(&[
+                    &["CLIENT_ADDR", "FAILURES"],
+                    &["10.0.0.2", "2"],
+                    &["10.0.0.3", "1"],
+                ]),
+            ],
+            "summary on {source:?}:\n{text}"
+        );
+    }
 
     // follow: new events appear as they are appended.
     let mut child = Command::new(env!("CARGO_BIN_EXE_idgate"))
@@ -691,20 +1031,27 @@ async fn ten_bad_tokens_from_one_address_fire_one_alert_and_one_webhook() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
+    // A small threshold and a long window: every bad login below is inside one window, and
+    // 25 failures are five times the threshold, so a rule that re-armed after firing (instead of
+    // staying quiet for the window) would fire five times.
+    const THRESHOLD: u32 = 5;
+    const BAD_LOGINS: usize = 25;
     let mut env = Env::with(EnvOptions {
+        admin: true,
         tweak: Box::new(move |c, _| {
             c.audit.alerts = vec![
                 AlertRule {
                     name: "brute-force-addr".into(),
-                    failed_logins: 10,
-                    within: Duration::from_secs(60),
+                    failed_logins: THRESHOLD,
+                    within: Duration::from_secs(600),
                     per: AlertPer::ClientAddr,
                     webhook_url: Some(hook),
                 },
+                // Same failures, per user, threshold above what is sent: must stay silent.
                 AlertRule {
                     name: "brute-force-user".into(),
-                    failed_logins: 50,
-                    within: Duration::from_secs(60),
+                    failed_logins: BAD_LOGINS as u32 + 1,
+                    within: Duration::from_secs(600),
                     per: AlertPer::User,
                     webhook_url: None,
                 },
@@ -713,7 +1060,8 @@ async fn ten_bad_tokens_from_one_address_fire_one_alert_and_one_webhook() {
         ..Default::default()
     })
     .await;
-    for i in 0..14 {
+    assert_eq!(env.metric("idgate_audit_alerts_fired_total").await, 0.0);
+    for i in 0..BAD_LOGINS {
         let bad = format!("bad.token.{i}");
         assert!(env.pg_connect(Some(ALICE), &bad).await.is_err());
     }
@@ -723,19 +1071,51 @@ async fn ten_bad_tokens_from_one_address_fire_one_alert_and_one_webhook() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Room for a second (wrong) webhook call to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.metric("idgate_audit_alerts_fired_total").await, 1.0);
+    assert_eq!(
+        env.metric("idgate_audit_errors_total{what=\"webhook\"}")
+            .await,
+        0.0
+    );
     env.stop_gateway().await;
-    let alerts: Vec<Value> = env
-        .audit_events()
-        .into_iter()
-        .filter(|e| e["kind"] == "alert")
-        .collect();
+    let events = env.audit_events();
+    // Every bad login was counted as a failure from the same address.
+    let failures = events
+        .iter()
+        .filter(|e| e["kind"] == "auth_failed")
+        .inspect(|e| {
+            assert!(
+                e["client_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                "{e}"
+            )
+        })
+        .count();
+    assert_eq!(failures, BAD_LOGINS);
+    let alerts: Vec<&Value> = events.iter().filter(|e| e["kind"] == "alert").collect();
     assert_eq!(alerts.len(), 1, "{alerts:#?}");
-    let a = &alerts[0];
+    let a = alerts[0];
     assert_eq!(a["alert"]["rule"], "brute-force-addr");
+    assert_eq!(a["alert"]["per"], "client_addr");
     assert_eq!(a["alert"]["key"], "127.0.0.1");
-    assert_eq!(a["alert"]["failed_logins"], 10);
+    assert_eq!(a["alert"]["failed_logins"], THRESHOLD);
+    assert_eq!(a["alert"]["within_secs"], 600);
     assert_eq!(a["outcome"], "failure");
+    // It fired on the THRESHOLD-th failure: exactly that many auth_failed precede it.
+    let at = events
+        .iter()
+        .position(|e| e["event_id"] == a["event_id"])
+        .unwrap();
+    assert_eq!(
+        events[..at]
+            .iter()
+            .filter(|e| e["kind"] == "auth_failed")
+            .count(),
+        THRESHOLD as usize
+    );
     let calls = received.lock().unwrap().clone();
     assert_eq!(calls.len(), 1, "{calls:#?}");
     assert_eq!(calls[0]["event_id"], a["event_id"]);

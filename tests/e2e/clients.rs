@@ -54,7 +54,7 @@ async fn a_token_pasted_into_a_startup_setting_is_never_audited_or_echoed() {
         .dbname("dev")
         .user(ALICE)
         .password(&token)
-        .options(&format!("-c DateStyle={token}"))
+        .options(format!("-c DateStyle={token}"))
         .ssl_mode(tokio_postgres::config::SslMode::Require);
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*env.client_tls(false)).clone());
     let err = cfg

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -329,6 +329,14 @@ impl Env {
         (status, resp.text().await.unwrap())
     }
 
+    /// One series of the admin `/metrics`, e.g. `idgate_audit_events_total{what="spooled"}`
+    /// (panics when the listener answers an error or the series is missing).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (status, body) = self.admin("GET", "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        metric_value(&body, series).unwrap_or_else(|| panic!("/metrics has no {series}:\n{body}"))
+    }
+
     /// Which cluster answers a session (the `whoami` marker table).
     pub async fn whoami(client: &tokio_postgres::Client) -> String {
         let rows = client
@@ -368,6 +376,25 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("no matching audit event; have:\n{:#?}", self.audit_events());
+    }
+
+    /// Wait until at least `n` audit events of `kind` are written (up to 5 s), and return all
+    /// events of that kind (the caller asserts how many there are).
+    pub async fn wait_kind(&self, kind: &str, n: usize) -> Vec<serde_json::Value> {
+        let of_kind = || -> Vec<serde_json::Value> {
+            self.audit_events()
+                .into_iter()
+                .filter(|e| e["kind"] == kind)
+                .collect()
+        };
+        for _ in 0..200 {
+            let events = of_kind();
+            if events.len() >= n {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        of_kind()
     }
 
     /// Wait for the `auth_failed` event of a refused login and return its reason.
@@ -504,6 +531,20 @@ pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The value of `series` (a metric name with its labels exactly as rendered, e.g.
+/// `idgate_audit_healthy` or `idgate_audit_errors_total{what="ship"}`) in a Prometheus text
+/// exposition; `None` when no line is exactly that series.
+pub fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        if name == series {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
 /// The SQLSTATE of a tokio-postgres error.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
@@ -521,4 +562,18 @@ pub fn python() -> Option<PathBuf> {
     }
     let venv = repo_root().join(".venv/bin/python");
     venv.exists().then_some(venv)
+}
+
+/// A `Write` that appends to a shared buffer: a log capture for `tracing_subscriber`.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -8,6 +8,7 @@ mod harness;
 mod audit_logs;
 mod audit_store;
 mod backend_auth;
+mod backend_password;
 mod clients;
 mod config_files;
 mod dev_command;

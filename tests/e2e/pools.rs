@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use idgate::devidp::TokenSpec;
 
-use crate::harness::{free_port, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP};
+use crate::harness::{free_port, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB};
 
 fn three_pools() -> EnvOptions {
     EnvOptions {
@@ -184,6 +184,14 @@ targets = [{ addr = "{c1}" }]
         .contains("not allowed to use workgroup \"finance\""));
     let reason = env.wait_refusal_reason(0).await;
     assert_eq!(reason, "pool_not_allowed");
+    let refused = env
+        .wait_event(|e| e["kind"] == "auth_failed" && e["reason"] == "pool_not_allowed")
+        .await;
+    assert_eq!(
+        refused["pool"], "finance",
+        "the refusal is audited with its pool"
+    );
+    assert_eq!(refused["route_rule"], "database");
     // The same token is fine for the open pool; a token with the group gets in.
     let c = connect_with(&env, &plain, "open/dev", None).await.unwrap();
     assert_eq!(Env::whoami(&c).await, "wg0");
@@ -325,9 +333,14 @@ async fn a_target_refusing_logins_with_53300_is_skipped_transparently() {
         assert_eq!(Env::whoami(&c).await, "wg0");
     }
     let skipped = env
-        .wait_event(|e| e["kind"] == "backend_login_failed")
+        .wait_event(|e| e["kind"] == "backend_attempt_failed")
         .await;
     assert_eq!(skipped["reason"], "backend_refused_53300");
+    // Skipped targets are not refusals: every session above logged in.
+    assert!(!env
+        .audit_events()
+        .iter()
+        .any(|e| e["kind"] == "backend_login_failed" || e["outcome"] == "failure"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,41 +400,163 @@ async fn drain_keeps_open_sessions_and_takes_no_new_ones() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_adds_a_pool_and_removes_a_target_without_cutting_sessions() {
-    let env = Env::with(two_targets("")).await;
-    let open = env
-        .pg_connect(Some(ALICE), &env.token(ALICE))
+/// The single value of a one-row, one-column simple query.
+async fn scalar(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
         .await
-        .unwrap();
-    let before = Env::whoami(&open).await;
-    // New config: main keeps only wg0; the new pool "extra" gets wg1.
-    let text = std::fs::read_to_string(&env.config_path).unwrap();
-    let new_pools = format!(
-        "[[pools]]\nname = \"main\"\ntargets = [{{ addr = \"{}\" }}]\n\n[[pools]]\nname = \"extra\"\ntargets = [{{ addr = \"{}\" }}]\n",
-        env.clusters[0].addr(),
-        env.clusters[1].addr()
-    );
-    let start = text.find("[[pools]]").unwrap();
-    let end = text.find("[audit]").unwrap();
-    let updated = format!("{}{}\n{}", &text[..start], new_pools, &text[end..]);
-    std::fs::write(&env.config_path, &updated).unwrap();
-    let (status, body) = env.admin("POST", "/reload").await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("extra"), "{body}");
-    // The open session keeps working on whatever target it had.
-    assert_eq!(Env::whoami(&open).await, before);
-    for _ in 0..4 {
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// Connect (default route) until a session lands on cluster `want`; the other sessions are kept
+/// open too and returned alongside.
+async fn session_on(
+    env: &Env,
+    want: &str,
+) -> (tokio_postgres::Client, Vec<tokio_postgres::Client>) {
+    let mut others = Vec::new();
+    for _ in 0..6 {
         let c = env
             .pg_connect(Some(ALICE), &env.token(ALICE))
             .await
             .unwrap();
-        assert_eq!(Env::whoami(&c).await, "wg0");
+        if Env::whoami(&c).await == want {
+            return (c, others);
+        }
+        others.push(c);
     }
+    panic!("no session landed on {want}");
+}
+
+/// The pool named `name` in `GET /pools`.
+async fn pool_status(env: &Env, name: &str) -> serde_json::Value {
+    let (status, body) = env.admin("GET", "/pools").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no pool {name} in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_a_pool_and_removes_a_target_without_cutting_sessions() {
+    let env = Env::with(two_targets(
+        "\n[routing]\ndefault_pool = \"main\"\n\n[[routing.rules]]\ngroup = \"analysts\"\npool = \"main\"\n",
+    ))
+    .await;
+    let (c0, c1) = (
+        env.clusters[0].addr().to_string(),
+        env.clusters[1].addr().to_string(),
+    );
+    // A session open on wg1, the target the reload removes from "main" (and one on wg0).
+    let (open, mut others) = session_on(&env, "wg1").await;
+    let (kept, more) = session_on(&env, "wg0").await;
+    others.extend(more);
+    let pid = scalar(&open, "SELECT pg_backend_pid()").await;
+    let open_session = env
+        .wait_event(|e| e["kind"] == "session_routed" && e["target"] == c1.as_str())
+        .await["session_id"]
+        .clone();
+    // Before the reload the analysts rule names "main".
+    let grouped = || {
+        env.idp
+            .mint(&TokenSpec::user(ALICE).groups(&[ANALYSTS_GROUP]))
+    };
+    let g = env.pg_connect(Some(ALICE), &grouped()).await.unwrap();
+    let g_name = Env::whoami(&g).await;
+    assert!(g_name == "wg0" || g_name == "wg1", "{g_name}");
+    drop(g);
+    let first = env
+        .wait_event(|e| e["kind"] == "session_routed" && e["route_rule"] == "claim")
+        .await;
+    assert_eq!(first["pool"], "main");
+
+    // New config: main keeps only wg0; the new pool "extra" gets wg1; the rule now names "extra".
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let new_pools = format!(
+        "[[pools]]\nname = \"main\"\ntargets = [{{ addr = \"{c0}\" }}]\n\n[[pools]]\nname = \"extra\"\ntargets = [{{ addr = \"{c1}\" }}]\n",
+    );
+    let start = text.find("[[pools]]").unwrap();
+    let end = text.find("[audit]").unwrap();
+    let rule = "group = \"analysts\"\npool = \"main\"";
+    assert!(text.contains(rule));
+    let updated = format!("{}{}\n{}", &text[..start], new_pools, &text[end..])
+        .replace(rule, "group = \"analysts\"\npool = \"extra\"");
+    std::fs::write(&env.config_path, &updated).unwrap();
+    let (status, body) = env.admin("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("extra"), "{body}");
+    let main = pool_status(&env, "main").await;
+    let addrs: Vec<&str> = main["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["addr"].as_str().unwrap())
+        .collect();
+    assert_eq!(addrs, [c0.as_str()], "{main}");
+
+    // The session on the removed target keeps its backend connection and keeps working.
+    for _ in 0..10 {
+        assert_eq!(scalar(&open, "SELECT count(*) FROM demo").await, "2");
+    }
+    assert_eq!(Env::whoami(&open).await, "wg1");
+    assert_eq!(scalar(&open, "SELECT pg_backend_pid()").await, pid);
+    assert_eq!(Env::whoami(&kept).await, "wg0");
+    for c in &others {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // The backend agrees: that process is still alive, logged in as the person.
+    let alive = env.clusters[1]
+        .query_strings(&format!(
+            "SELECT usename FROM pg_stat_activity WHERE pid = {pid}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        alive,
+        vec![vec![Some("aad:alice@contoso.example".to_owned())]]
+    );
+    // New sessions of "main" never land on the removed target.
+    for i in 0..6 {
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap_or_else(|e| panic!("connect {i} after the reload failed: {e}"));
+        assert_eq!(Env::whoami(&c).await, "wg0", "connect {i} after the reload");
+    }
+    // The changed rule takes effect for new sessions: analysts now reach "extra" (wg1 only).
+    let g = env.pg_connect(Some(ALICE), &grouped()).await.unwrap();
+    assert_eq!(Env::whoami(&g).await, "wg1");
+    drop(g);
+    let routed = env
+        .wait_event(|e| {
+            e["kind"] == "session_routed" && e["route_rule"] == "claim" && e["pool"] == "extra"
+        })
+        .await;
+    assert_eq!(routed["target"], c1.as_str());
     let c = connect_with(&env, &env.token(ALICE), "extra/dev", None)
         .await
         .unwrap();
     assert_eq!(Env::whoami(&c).await, "wg1");
+    // The open session ends normally when its client closes it, audited on its old target.
+    drop(open);
+    let ended = env
+        .wait_event(|e| e["kind"] == "session_ended" && e["session_id"] == open_session)
+        .await;
+    assert_eq!(ended["target"], c1.as_str());
+    assert_eq!(ended["pool"], "main");
+    assert_eq!(ended["end_reason"], "closed");
+
     // An invalid file changes nothing.
     std::fs::write(
         &env.config_path,
@@ -435,18 +570,9 @@ async fn reload_adds_a_pool_and_removes_a_target_without_cutting_sessions() {
         .await
         .unwrap();
     assert_eq!(Env::whoami(&c).await, "wg1");
-    let mut reloads: Vec<serde_json::Value> = Vec::new();
-    for _ in 0..100 {
-        reloads = env
-            .audit_events()
-            .into_iter()
-            .filter(|e| e["kind"] == "config_reloaded")
-            .collect();
-        if reloads.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let g = env.pg_connect(Some(ALICE), &grouped()).await.unwrap();
+    assert_eq!(Env::whoami(&g).await, "wg1");
+    let reloads = env.wait_kind("config_reloaded", 2).await;
     assert_eq!(reloads.len(), 2);
     assert_eq!(reloads[1]["reason"], "reload_invalid");
 }
@@ -783,4 +909,619 @@ async fn reload_swaps_the_listener_certificate_and_reports_settings_that_need_a_
     let c = connect_trusting(&env, &ca2.cert_pem()).await.unwrap();
     assert_eq!(Env::whoami(&c).await, "wg0");
     assert!(connect_trusting(&env, &old_ca).await.is_err());
+}
+
+/// A file in a directory of its own, for secrets the configuration reads (`*_file` keys) before
+/// the environment's directory exists.
+fn secret_file(name: &str, contents: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("idgate-secret-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    (dir, path.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_probe_ejects_a_target_that_accepts_tcp_but_refuses_the_probe_login() {
+    let (_secret_dir, pw_file) = secret_file("probe.pw", "probe-s3cret\n");
+    let env = Env::with(EnvOptions {
+        hba: vec![
+            "host all idgate_probe 127.0.0.1/32 scram-sha-256".into(),
+            "host all all 127.0.0.1/32 trust".into(),
+        ],
+        ..two_targets(&format!(
+            "probe_user = \"idgate_probe\"\nprobe_password_file = \"{pw_file}\"\n"
+        ))
+    })
+    .await;
+    let (c0, c1) = (
+        env.clusters[0].addr().to_string(),
+        env.clusters[1].addr().to_string(),
+    );
+    // Without the role, the login probe fails although both clusters accept TCP and logins.
+    wait_health(&env, &c1, "down").await;
+    for c in &env.clusters {
+        c.exec("CREATE ROLE idgate_probe LOGIN PASSWORD 'probe-s3cret'")
+            .await
+            .unwrap();
+    }
+    wait_health(&env, &c0, "up").await;
+    wait_health(&env, &c1, "up").await;
+    for addr in [&c0, &c1] {
+        env.wait_event(|e| {
+            e["kind"] == "target_health_changed"
+                && e["target"] == addr.as_str()
+                && e["health"] == "up"
+        })
+        .await;
+    }
+    let mark = env.audit_events().len();
+    // The probe logged in with the file's password (scram-sha-256 is the only way in for it).
+    let probed = env
+        .wait_event(|e| {
+            e["kind"] == "target_health_changed"
+                && e["target"] == c1.as_str()
+                && e["health"] == "down"
+        })
+        .await;
+    let why = probed["detail"].as_str().unwrap_or_default();
+    assert!(why.contains("28P01") || why.contains("28000"), "{probed}");
+
+    // wg1 changes the probe role's password: its probe login fails from now on.
+    env.clusters[1]
+        .exec("ALTER ROLE idgate_probe PASSWORD 'changed'")
+        .await
+        .unwrap();
+    wait_health(&env, &c1, "down").await;
+    // wg1 itself is fine: TCP connects and the person's own login still work there...
+    tokio::net::TcpStream::connect(env.clusters[1].addr())
+        .await
+        .expect("wg1 accepts TCP");
+    let mut direct = tokio_postgres::Config::new();
+    direct
+        .host("127.0.0.1")
+        .port(env.clusters[1].port())
+        .user("aad:alice@contoso.example")
+        .dbname("dev");
+    let (client, conn) = direct.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    assert_eq!(Env::whoami(&client).await, "wg1");
+    drop(client);
+    // ...but idgate sends it no sessions.
+    for i in 0..6 {
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap_or_else(|e| panic!("connect {i} failed: {e}"));
+        assert_eq!(Env::whoami(&c).await, "wg0", "connect {i}");
+    }
+    let down = env
+        .wait_event(|e| {
+            e["kind"] == "target_health_changed"
+                && e["target"] == c1.as_str()
+                && e["health"] == "down"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("password authentication failed"))
+        })
+        .await;
+    assert_eq!(down["pool"], "main");
+    assert!(down["detail"].as_str().unwrap().contains("28P01"), "{down}");
+    // wg0 stayed up the whole time.
+    assert!(!env.audit_events()[mark..]
+        .iter()
+        .any(|e| e["kind"] == "target_health_changed" && e["target"] == c0.as_str()));
+
+    // Fixing the password brings wg1 back, and it takes sessions again.
+    env.clusters[1]
+        .exec("ALTER ROLE idgate_probe PASSWORD 'probe-s3cret'")
+        .await
+        .unwrap();
+    wait_health(&env, &c1, "up").await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap();
+        seen.insert(Env::whoami(&c).await);
+    }
+    assert!(seen.contains("wg1"), "wg1 takes sessions again: {seen:?}");
+    let changes: Vec<String> = env
+        .audit_events()
+        .iter()
+        .filter(|e| e["kind"] == "target_health_changed" && e["target"] == c1.as_str())
+        .map(|e| e["health"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        changes.ends_with(&[
+            "down".to_owned(),
+            "up".to_owned(),
+            "down".to_owned(),
+            "up".to_owned()
+        ]),
+        "{changes:?}"
+    );
+}
+
+/// A stand-in "PostgreSQL server" that accepts TCP, reads the startup packet (answering an
+/// SSLRequest or GSSENCRequest with `N`), then refuses the login with a FATAL ErrorResponse
+/// carrying `code` and closes. Returns its address and the `user` of every startup it read.
+async fn refusing_server(
+    code: &'static str,
+    message: &'static str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let users = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = users.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    // Health probes connect and close: nothing to read is fine.
+                    let Ok(len) = sock.read_u32().await else {
+                        return;
+                    };
+                    let mut body = vec![0; (len as usize).saturating_sub(4)];
+                    if sock.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let version = u32::from_be_bytes(body[..4].try_into().unwrap());
+                    if version == 80877103 || version == 80877104 {
+                        let _ = sock.write_all(b"N").await;
+                        continue;
+                    }
+                    let mut parts = body[4..].split(|b| *b == 0);
+                    while let Some(k) = parts.next() {
+                        let v = parts.next().unwrap_or_default();
+                        if k == b"user" {
+                            seen.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                    let mut fields = Vec::new();
+                    for (tag, value) in [
+                        (b'S', "FATAL"),
+                        (b'V', "FATAL"),
+                        (b'C', code),
+                        (b'M', message),
+                    ] {
+                        fields.push(tag);
+                        fields.extend_from_slice(value.as_bytes());
+                        fields.push(0);
+                    }
+                    fields.push(0);
+                    let mut msg = vec![b'E'];
+                    msg.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+                    msg.extend_from_slice(&fields);
+                    let _ = sock.write_all(&msg).await;
+                    let _ = sock.shutdown().await;
+                    return;
+                }
+            });
+        }
+    });
+    (addr, users)
+}
+
+#[tokio::test]
+async fn targets_refusing_logins_with_57p01_or_57p03_are_skipped_transparently() {
+    let (terminating, terminating_users) = refusing_server(
+        "57P01",
+        "terminating connection due to administrator command",
+    )
+    .await;
+    let (starting, starting_users) =
+        refusing_server("57P03", "the database system is starting up").await;
+    let env = Env::with(EnvOptions {
+        clusters: 1,
+        pools_toml: Some(format!(
+            "[[pools]]\nname = \"main\"\ntargets = [{{ addr = \"{terminating}\" }}, {{ addr = \"{starting}\" }}, {{ addr = \"{{c0}}\" }}]\n"
+        )),
+        // Probes are TCP connects, which the stand-ins accept: they stay eligible.
+        extra_toml: "[health]\ninterval = \"200ms\"\nfall = 1000\n".into(),
+        ..EnvOptions::default()
+    })
+    .await;
+    for i in 0..6 {
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap_or_else(|e| panic!("connect {i} failed: {e}"));
+        assert_eq!(Env::whoami(&c).await, "wg0", "connect {i}");
+    }
+    // Each stand-in was really asked to log the person in, and refused.
+    for users in [&terminating_users, &starting_users] {
+        let users = users.lock().unwrap().clone();
+        assert!(!users.is_empty(), "a stand-in was never tried");
+        assert!(
+            users.iter().all(|u| u == "aad:alice@contoso.example"),
+            "{users:?}"
+        );
+    }
+    assert_eq!(env.wait_kind("session_routed", 6).await.len(), 6);
+    let events = env.audit_events();
+    let skipped: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e["kind"] == "backend_attempt_failed")
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap().to_owned(),
+                e["detail"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for (reason, addr) in [
+        ("backend_refused_57P01", terminating),
+        ("backend_refused_57P03", starting),
+    ] {
+        assert!(
+            skipped
+                .iter()
+                .any(|(r, d)| r == reason && d.starts_with(&addr.to_string())),
+            "{reason} from {addr} missing in {skipped:?}"
+        );
+    }
+    assert_eq!(
+        skipped.len(),
+        terminating_users.lock().unwrap().len() + starting_users.lock().unwrap().len(),
+        "one backend_attempt_failed per refused attempt: {skipped:?}"
+    );
+    // Skipped targets are not refusals: no session failed, none has an outcome of failure.
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["kind"] == "backend_login_failed" || e["outcome"] == "failure"),
+        "{events:#?}"
+    );
+    assert!(events
+        .iter()
+        .filter(|e| e["kind"] == "session_routed")
+        .all(|e| e["target"] == env.clusters[0].addr().to_string().as_str()));
+}
+
+/// The session id idgate puts in the detail of every refusal (`session id <uuid>`).
+fn refusal_session_id(err: &tokio_postgres::Error) -> String {
+    let detail = err
+        .as_db_error()
+        .and_then(|d| d.detail())
+        .unwrap_or_else(|| panic!("no detail in {err:?}"));
+    detail
+        .split("session id ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no session id in {detail:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// How often `needle` occurs in the server logs of all `env`'s clusters.
+fn in_server_logs(env: &Env, needle: &str) -> usize {
+    env.clusters
+        .iter()
+        .map(|c| {
+            std::fs::read_to_string(c.log_file())
+                .unwrap_or_default()
+                .matches(needle)
+                .count()
+        })
+        .sum()
+}
+
+/// Wait until `needle` occurs at least `n` times in the server logs; return the count a moment
+/// later (so a count above `n` shows too).
+async fn wait_server_logs(env: &Env, needle: &str, n: usize) -> usize {
+    for _ in 0..100 {
+        if in_server_logs(env, needle) >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_server_logs(env, needle)
+}
+
+#[tokio::test]
+async fn a_non_retryable_refusal_goes_straight_to_the_client_without_trying_the_other_target() {
+    let (_secrets, wrong) = secret_file("wrong.pw", "not-the-password\n");
+    let right = _secrets.path().join("right.pw");
+    std::fs::write(&right, "the-password\n").unwrap();
+    let env = Env::with(EnvOptions {
+        clusters: 2,
+        hba: vec![
+            "host all \"aad:alice@contoso.example\" 127.0.0.1/32 scram-sha-256".into(),
+            "host all all 127.0.0.1/32 trust".into(),
+        ],
+        pools_toml: Some(format!(
+            r#"
+[[pools]]
+name = "main"
+targets = [{{ addr = "{{c0}}" }}, {{ addr = "{{c1}}" }}]
+
+[[pools]]
+name = "wrong"
+backend_auth = "password"
+backend_password_file = "{wrong}"
+targets = [{{ addr = "{{c0}}" }}, {{ addr = "{{c1}}" }}]
+
+[[pools]]
+name = "right"
+backend_auth = "password"
+backend_password_file = "{}"
+targets = [{{ addr = "{{c0}}" }}, {{ addr = "{{c1}}" }}]
+"#,
+            right.display()
+        )),
+        ..EnvOptions::default()
+    })
+    .await;
+    for c in &env.clusters {
+        c.exec("ALTER ROLE \"aad:alice@contoso.example\" PASSWORD 'the-password'")
+            .await
+            .unwrap();
+    }
+    // Control: with the right password both targets let alice in.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let c = connect_with(&env, &env.token(ALICE), "right/dev", None)
+            .await
+            .unwrap();
+        seen.insert(Env::whoami(&c).await);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // 28P01: twice, so that each target is the first one tried once (round-robin).
+    let auth_failed =
+        "FATAL:  password authentication failed for user \"aad:alice@contoso.example\"";
+    assert_eq!(in_server_logs(&env, auth_failed), 0);
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let err = connect_with(&env, &env.token(ALICE), "wrong/dev", None)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a wrong backend password is refused"));
+        assert_eq!(sqlstate(&err), "28P01", "{err}");
+        assert!(
+            err.as_db_error()
+                .unwrap()
+                .message()
+                .contains("password authentication failed"),
+            "{err}"
+        );
+        sessions.push(refusal_session_id(&err));
+    }
+    // 3D000 (a trust pool, bob, a database neither cluster has): also final at the first target.
+    for _ in 0..2 {
+        let err = env
+            .pg_connect_db(Some(BOB), &env.token(BOB), "main/nosuchdb")
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("an unknown database is refused"));
+        assert_eq!(sqlstate(&err), "3D000", "{err}");
+        sessions.push(refusal_session_id(&err));
+    }
+    for (i, id) in sessions.iter().enumerate() {
+        let want = if i < 2 {
+            "backend_refused_28P01"
+        } else {
+            "backend_refused_3D000"
+        };
+        env.wait_event(|e| e["kind"] == "session_ended" && e["session_id"] == id.as_str())
+            .await;
+        let events: Vec<serde_json::Value> = env
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["session_id"] == id.as_str())
+            .collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert!(
+            !kinds.contains(&"backend_attempt_failed"),
+            "the other target was tried: {events:#?}"
+        );
+        let failed: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e["kind"] == "backend_login_failed")
+            .collect();
+        assert_eq!(failed.len(), 1, "{events:#?}");
+        assert_eq!(failed[0]["reason"], want);
+        assert_eq!(failed[0]["outcome"], "failure");
+    }
+    // The backends agree: one refused login per connect, not two.
+    assert_eq!(wait_server_logs(&env, auth_failed, 2).await, 2);
+    assert_eq!(
+        wait_server_logs(&env, "FATAL:  database \"nosuchdb\" does not exist", 2).await,
+        2
+    );
+    // Non-retryable answers are not health failures: both targets stay in rotation.
+    assert!(!env
+        .audit_events()
+        .iter()
+        .any(|e| e["kind"] == "target_health_changed"));
+}
+
+fn one_target(when_all_unhealthy: &str, extra: &str) -> EnvOptions {
+    EnvOptions {
+        clusters: 1,
+        pools_toml: Some(format!(
+            "[[pools]]\nname = \"main\"\nwhen_all_unhealthy = \"{when_all_unhealthy}\"\ntargets = [{{ addr = \"{{c0}}\" }}]\n"
+        )),
+        ..two_targets(extra)
+    }
+}
+
+/// Rewrite the pool's `when_all_unhealthy` in the configuration file and reload.
+async fn reload_when_all_unhealthy(env: &Env, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let key = format!("when_all_unhealthy = \"{from}\"");
+    assert!(text.contains(&key));
+    std::fs::write(
+        &env.config_path,
+        text.replace(&key, &format!("when_all_unhealthy = \"{to}\"")),
+    )
+    .unwrap();
+    let (status, body) = env.admin("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The audit events of one session, once its `session_ended` is there.
+async fn session_events(env: &Env, id: &str) -> Vec<serde_json::Value> {
+    env.wait_event(|e| e["kind"] == "session_ended" && e["session_id"] == id)
+        .await;
+    env.audit_events()
+        .into_iter()
+        .filter(|e| e["session_id"] == id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_target_is_down_fail_closed_refuses_and_fail_open_still_tries() {
+    let env = Env::with(one_target("fail_closed", "")).await;
+    let c0 = env.clusters[0].addr().to_string();
+    wait_health(&env, &c0, "up").await;
+    let c = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    assert_eq!(Env::whoami(&c).await, "wg0");
+    drop(c);
+    env.clusters[0]
+        .stop(idgate::pgcluster::StopMode::Immediate)
+        .await
+        .unwrap();
+    wait_health(&env, &c0, "down").await;
+    assert_eq!(env.admin("GET", "/readyz").await.0, 503);
+
+    // fail_closed: refused by idgate without trying the target.
+    let err = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("no healthy target"));
+    assert_eq!(sqlstate(&err), "08006", "{err}");
+    let message = err.as_db_error().unwrap().message().to_owned();
+    assert!(
+        message.contains("no healthy database target") && message.contains("\"main\""),
+        "{message}"
+    );
+    let events = session_events(&env, &refusal_session_id(&err)).await;
+    let failed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "backend_login_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{events:#?}");
+    assert_eq!(failed[0]["reason"], "all_targets_unhealthy");
+    assert_eq!(failed[0]["pool"], "main");
+    assert!(failed[0].get("route_forced").is_none(), "{}", failed[0]);
+    assert!(
+        !events.iter().any(|e| e["kind"] == "backend_attempt_failed"),
+        "fail_closed tried a target: {events:#?}"
+    );
+
+    // fail_open (health carries over the reload): the dead target is tried anyway, and the
+    // audit says the route was forced.
+    reload_when_all_unhealthy(&env, "fail_closed", "fail_open").await;
+    wait_health(&env, &c0, "down").await;
+    let err = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("the only target is stopped"));
+    assert_eq!(sqlstate(&err), "08006", "{err}");
+    assert!(
+        !err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("no healthy database target"),
+        "{err}"
+    );
+    let events = session_events(&env, &refusal_session_id(&err)).await;
+    let failed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "backend_login_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{events:#?}");
+    assert_eq!(failed[0]["route_forced"], true, "{}", failed[0]);
+    assert_eq!(failed[0]["reason"], "backend_connect_failed");
+    assert!(
+        failed[0]["detail"].as_str().unwrap().contains(&c0),
+        "{}",
+        failed[0]
+    );
+    let ended = events
+        .iter()
+        .find(|e| e["kind"] == "session_ended")
+        .unwrap();
+    assert_eq!(ended["route_forced"], true, "{ended}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_forces_a_session_onto_a_target_that_only_its_probe_calls_down() {
+    let (_secret_dir, pw_file) = secret_file("probe.pw", "probe-s3cret\n");
+    let env = Env::with(EnvOptions {
+        hba: vec![
+            "host all idgate_probe 127.0.0.1/32 scram-sha-256".into(),
+            "host all all 127.0.0.1/32 trust".into(),
+        ],
+        ..one_target(
+            "fail_closed",
+            &format!("probe_user = \"idgate_probe\"\nprobe_password_file = \"{pw_file}\"\n"),
+        )
+    })
+    .await;
+    let c0 = env.clusters[0].addr().to_string();
+    // No probe role: the cluster is running, but its probe login fails.
+    wait_health(&env, &c0, "down").await;
+    let err = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("fail_closed refuses while the only target is down"));
+    assert_eq!(sqlstate(&err), "08006", "{err}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("no healthy database target"),
+        "{err}"
+    );
+    reload_when_all_unhealthy(&env, "fail_closed", "fail_open").await;
+    let c = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .expect("fail_open tries the down target, which logs the person in");
+    assert_eq!(Env::whoami(&c).await, "wg0");
+    let user = scalar(&c, "SELECT current_user").await;
+    assert_eq!(user, "aad:alice@contoso.example");
+    let routed = env.wait_event(|e| e["kind"] == "session_routed").await;
+    assert_eq!(routed["route_forced"], true, "{routed}");
+    assert_eq!(routed["target"], c0.as_str());
+    // A successful forced session does not bring the target back: only probes do.
+    wait_health(&env, &c0, "down").await;
+    // Once the probe can log in, the target is up and routes are no longer forced.
+    env.clusters[0]
+        .exec("CREATE ROLE idgate_probe LOGIN PASSWORD 'probe-s3cret'")
+        .await
+        .unwrap();
+    wait_health(&env, &c0, "up").await;
+    let c = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .unwrap();
+    assert_eq!(Env::whoami(&c).await, "wg0");
+    let normal = env.wait_kind("session_routed", 2).await;
+    assert_eq!(normal.len(), 2);
+    assert!(normal[1].get("route_forced").is_none(), "{}", normal[1]);
 }

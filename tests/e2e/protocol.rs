@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use idgate::devidp::TokenSpec;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -255,6 +255,9 @@ async fn oversized_and_truncated_startup_packets() {
         .unwrap()
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900));
+    // Before closing, the stalled client is told why.
+    assert_eq!(rest.first(), Some(&b'E'), "{rest:?}");
+    assert!(String::from_utf8_lossy(&rest).contains("timed out waiting for the startup packet"));
     env.wait_event(|e| e["kind"] == "session_ended" && e["end_reason"] == "handshake_timeout")
         .await;
     // A complete startup, then silence: the client gets an ErrorResponse, not just EOF.
@@ -396,9 +399,13 @@ async fn a_target_that_refuses_connections_is_skipped() {
         client.simple_query("SELECT 1").await.unwrap();
     }
     let skipped = env
-        .wait_event(|e| e["kind"] == "backend_login_failed")
+        .wait_event(|e| e["kind"] == "backend_attempt_failed")
         .await;
     assert_eq!(skipped["reason"], "backend_connect_failed");
+    assert!(!env
+        .audit_events()
+        .iter()
+        .any(|e| e["kind"] == "backend_login_failed"));
 }
 
 /// A stand-in for a load balancer with PROXY protocol v2: every connection to it is forwarded to
@@ -487,4 +494,187 @@ async fn proxy_protocol_v2_gives_the_audit_trail_the_real_client_address() {
         .pg_connect_port(lb, Some(ALICE), &env.token(ALICE), "dev")
         .await
         .is_ok());
+}
+
+/// A valid token for [`ALICE`] exactly `len` bytes long. A `padding` claim sets the length;
+/// base64 never produces 4k+1 characters, so when the payload alone cannot reach `len`, an
+/// `x5t` header member (as Entra puts in v1 tokens) shifts the header's length instead.
+fn token_of_len(env: &Env, len: usize) -> String {
+    for x5t in ["", "a", "ab", "abc"] {
+        let spec = |pad: usize| {
+            let spec = TokenSpec::user(ALICE).claim("padding", "x".repeat(pad));
+            if x5t.is_empty() {
+                spec
+            } else {
+                spec.header("x5t", x5t)
+            }
+        };
+        let base = env.idp.mint(&spec(0)).len();
+        // 3 bytes of JSON are 4 characters of base64.
+        let guess = len.saturating_sub(base) * 3 / 4;
+        for pad in guess.saturating_sub(4)..guess + 4 {
+            let token = env.idp.mint(&spec(pad));
+            if token.len() == len {
+                return token;
+            }
+        }
+    }
+    panic!("cannot mint a token of exactly {len} bytes");
+}
+
+/// The tags of `msgs`, for assertion messages.
+fn tags(msgs: &[(u8, Vec<u8>)]) -> Vec<char> {
+    msgs.iter().map(|(t, _)| *t as char).collect()
+}
+
+/// Messages up to ReadyForQuery must be AuthenticationOk … BackendKeyData … ReadyForQuery.
+fn assert_logged_in(msgs: &[(u8, Vec<u8>)]) {
+    let tags = tags(msgs);
+    assert_eq!(
+        msgs.first().map(|(t, b)| (*t, auth_code(b))),
+        Some((b'R', 0)),
+        "{tags:?}: {}",
+        msgs.iter()
+            .find(|(t, _)| *t == b'E')
+            .map(|(_, b)| error_message(b))
+            .unwrap_or_default()
+    );
+    assert!(tags.contains(&'K') && tags.last() == Some(&'Z'), "{tags:?}");
+}
+
+/// After the token: the login completes, the session runs queries as alice, and the audit
+/// trail records the carriage (`auth_method`).
+async fn assert_alice_session<S: AsyncRead + AsyncWrite + Unpin>(
+    env: &Env,
+    tls: &mut S,
+    auth_method: &str,
+) {
+    let msgs = read_until_ready(tls).await;
+    assert_logged_in(&msgs);
+    assert_eq!(simple_query(tls, "SELECT 1").await, ["1"]);
+    assert_eq!(
+        simple_query(tls, "SELECT current_user").await,
+        ["aad:alice@contoso.example"]
+    );
+    let ok = env.wait_event(|e| e["kind"] == "auth_succeeded").await;
+    assert_eq!(ok["auth_method"], auth_method);
+}
+
+#[tokio::test]
+async fn a_token_of_exactly_64_kib_logs_in_as_password_with_writes_split_inside_the_header() {
+    let env = Env::start().await;
+    let token = token_of_len(&env, 65_536);
+    assert_eq!(token.len(), 65_536);
+    let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+    tls.get_ref().0.set_nodelay(true).unwrap();
+    tls.write_all(&startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, auth_code(&body)), (b'R', 3));
+    let mut body = token.into_bytes();
+    body.push(0);
+    let msg = message(b'p', &body);
+    assert_eq!(msg.len(), 1 + 4 + 65_537);
+    // The tag alone, then three of the four length bytes, then the rest in 1,000-byte writes:
+    // idgate's reads see the header in pieces.
+    let (tag_byte, rest) = msg.split_at(1);
+    let (length_part, rest) = rest.split_at(3);
+    for piece in [tag_byte, length_part] {
+        tls.write_all(piece).await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for chunk in rest.chunks(1_000) {
+        tls.write_all(chunk).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    assert_alice_session(&env, &mut tls, "password").await;
+}
+
+#[tokio::test]
+async fn a_token_of_exactly_64_kib_logs_in_through_the_redshift_native_idp_exchange() {
+    let env = Env::start().await;
+    let token = token_of_len(&env, 65_536);
+    assert_eq!(token.len(), 65_536);
+    let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+    tls.write_all(&startup(
+        &[
+            ("user", ""),
+            ("database", "dev"),
+            ("client_protocol_version", "2"),
+            ("driver_version", "Redshift Python Driver 2.2.0"),
+            (
+                "plugin_name",
+                "redshift_connector.plugin.BrowserAzureOAuth2CredentialsProvider",
+            ),
+            ("idp_type", "AzureAD"),
+        ],
+        0,
+    ))
+    .await
+    .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!(
+        (tag, auth_code(&body)),
+        (b'R', 14),
+        "AuthenticationRequest 14"
+    );
+    // 'i' with the token and a trailing NUL, in 4,096-byte writes.
+    let mut body = token.into_bytes();
+    body.push(0);
+    for chunk in message(b'i', &body).chunks(4_096) {
+        tls.write_all(chunk).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    assert_alice_session(&env, &mut tls, "redshift_idp").await;
+}
+
+/// Startup parameters, the tag of the message that carries the token, and the auth code that
+/// asks for it.
+type Carriage<'a> = (&'a [(&'a str, &'a str)], u8, i32);
+
+#[tokio::test]
+async fn a_validly_signed_token_one_byte_over_64_kib_is_refused_on_both_carriages() {
+    let env = Env::start().await;
+    let token = token_of_len(&env, 65_537);
+    assert_eq!(token.len(), 65_537);
+    let carriages: [Carriage; 2] = [
+        (&[("user", ALICE), ("database", "dev")], b'p', 3),
+        (
+            &[("user", ""), ("database", "dev"), ("idp_type", "AzureAD")],
+            b'i',
+            14,
+        ),
+    ];
+    for (params, tag, code) in carriages {
+        let since = env.audit_events().len();
+        let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+        tls.write_all(&startup(params, 0)).await.unwrap();
+        let (t, body) = read_msg(&mut tls).await.unwrap();
+        assert_eq!((t, auth_code(&body)), (b'R', code));
+        let mut body = token.clone().into_bytes();
+        body.push(0);
+        tls.write_all(&message(tag, &body)).await.unwrap();
+        tls.flush().await.unwrap();
+        let msgs = read_until_ready(&mut tls).await;
+        let (t, body) = msgs.last().unwrap();
+        assert_eq!(
+            (*t, error_code(body)),
+            (b'E', "28000".to_owned()),
+            "'{}': {:?}",
+            tag as char,
+            tags(&msgs)
+        );
+        assert!(
+            !msgs.iter().any(|(t, b)| *t == b'R' && auth_code(b) == 0),
+            "no AuthenticationOk"
+        );
+        assert_eq!(
+            env.wait_refusal_reason(since).await,
+            "token_too_large",
+            "'{}'",
+            tag as char
+        );
+    }
 }

@@ -90,6 +90,11 @@ async fn every_token_refusal_class_has_its_reason() {
             "missing_claim",
         ),
         (
+            "missing iss",
+            idp.mint(&user.clone().without("iss")),
+            "missing_claim",
+        ),
+        (
             "wrong audience",
             idp.mint(&user.clone().audience("api://someone-else")),
             "audience_mismatch",
@@ -231,6 +236,28 @@ async fn every_token_refusal_class_has_its_reason() {
         "refusals with the wrong code or reason:\n{}",
         failures.join("\n")
     );
+    // The audit detail names the missing claim.
+    for claim in ["iss", "aud"] {
+        let since = env.audit_events().len();
+        let (code, message, reason) =
+            refuse(&env, ALICE, &idp.mint(&user.clone().without(claim))).await;
+        assert_eq!((code.as_str(), reason.as_str()), ("28000", "missing_claim"));
+        assert!(
+            !message.contains(claim),
+            "{claim}: oracular message {message:?}"
+        );
+        let refused = env
+            .audit_events()
+            .into_iter()
+            .skip(since)
+            .find(|e| e["kind"] == "auth_failed")
+            .unwrap();
+        let detail = refused["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(&format!("claim {claim} ")),
+            "{claim}: {refused}"
+        );
+    }
     // Expiry is explicit for the client.
     let (_, message, _) = refuse(&env, ALICE, &idp.mint(&user.clone().expires_in(-300))).await;
     assert!(message.contains("expired"), "{message}");
