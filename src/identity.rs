@@ -162,3 +162,169 @@ fn qualify(namespace: &str, name: &str) -> String {
         format!("{namespace}:{name}")
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn config() -> IdentityConfig {
+        IdentityConfig {
+            user_claims: ["upn", "preferred_username", "unique_name", "email"]
+                .map(String::from)
+                .to_vec(),
+            namespace: "aad".into(),
+            lowercase: true,
+            client_user: ClientUserPolicy::MustMatch,
+            groups_overage: GroupsOverage::Refuse,
+            groups: HashMap::from([(
+                "0b6a9a3e-aaaa-4c1e-9a7e-0c5d1f7e2a11".into(),
+                "analysts".into(),
+            )]),
+            app_roles: HashMap::from([("Finance.Read".into(), "finance_readers".into())]),
+        }
+    }
+
+    fn claims(extra: serde_json::Value) -> VerifiedClaims {
+        let mut c = json!({"exp": 4_000_000_000u64, "azp": "client", "scp": "jdbc_login"});
+        if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+            c.extend(extra.clone());
+        }
+        VerifiedClaims::for_test(c).unwrap()
+    }
+
+    fn map(
+        config: &IdentityConfig,
+        extra: serde_json::Value,
+        user: Option<&str>,
+    ) -> Result<MappedIdentity, IdentityError> {
+        map_identity(config, &claims(extra), user)
+    }
+
+    #[test]
+    fn the_first_present_non_empty_claim_names_the_user() {
+        let c = config();
+        let m = map(
+            &c,
+            json!({"upn": "Alice@Contoso.COM", "email": "x@y"}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.db_user, "aad:alice@contoso.com");
+        // An empty upn is absent: preferred_username is next.
+        let m = map(
+            &c,
+            json!({"upn": "", "preferred_username": "Bob@Contoso.com"}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.db_user, "aad:bob@contoso.com");
+        let m = map(&c, json!({"email": "carol@contoso.com"}), None).unwrap();
+        assert_eq!(m.db_user, "aad:carol@contoso.com");
+        let err = map(&c, json!({"oid": "x"}), None).unwrap_err();
+        assert_eq!(err.reason(), "no_user_claim");
+    }
+
+    #[test]
+    fn claim_order_namespace_and_case_are_configurable() {
+        let mut c = config();
+        c.user_claims = vec!["email".into(), "upn".into()];
+        c.namespace = "corp".into();
+        c.lowercase = false;
+        let m = map(
+            &c,
+            json!({"upn": "alice@contoso.com", "email": "Alice.Smith@Contoso.com"}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.db_user, "corp:Alice.Smith@Contoso.com");
+        c.namespace = String::new();
+        let m = map(&c, json!({"upn": "alice@contoso.com"}), None).unwrap();
+        assert_eq!(m.db_user, "alice@contoso.com");
+    }
+
+    #[test]
+    fn the_startup_user_must_match_unless_ignored() {
+        let mut c = config();
+        let upn = json!({"upn": "alice@contoso.com"});
+        for sent in ["alice@contoso.com", "AAD:Alice@Contoso.com"] {
+            assert!(map(&c, upn.clone(), Some(sent)).is_ok(), "{sent}");
+        }
+        let err = map(&c, upn.clone(), Some("bob@contoso.com")).unwrap_err();
+        assert_eq!(err.reason(), "client_user_mismatch");
+        assert_eq!(err.sqlstate(), "28000");
+        assert!(err.client_message().contains("aad:alice@contoso.com"));
+        c.client_user = ClientUserPolicy::Ignore;
+        let m = map(&c, upn, Some("bob@contoso.com")).unwrap();
+        assert_eq!(m.db_user, "aad:alice@contoso.com");
+    }
+
+    #[test]
+    fn groups_and_app_roles_map_to_namespaced_roles() {
+        let c = config();
+        let m = map(
+            &c,
+            json!({
+                "upn": "alice@contoso.com",
+                "groups": ["0B6A9A3E-AAAA-4C1E-9A7E-0C5D1F7E2A11", "ffffffff-0000-4000-8000-000000000000"],
+                "roles": ["Finance.Read", "Unmapped.Role"],
+            }),
+            None,
+        )
+        .unwrap();
+        assert_eq!(m.roles, ["aad:analysts", "aad:finance_readers"]);
+        assert!(m.groups_complete);
+        // An app-only token (roles, no scp) maps its app roles.
+        let app = VerifiedClaims::for_test(json!({
+            "exp": 4_000_000_000u64, "azp": "daemon", "roles": ["Finance.Read"],
+            "upn": "etl@contoso.com",
+        }))
+        .unwrap();
+        let m = map_identity(&c, &app, None).unwrap();
+        assert_eq!(
+            (m.db_user.as_str(), m.roles.as_slice()),
+            (
+                "aad:etl@contoso.com",
+                &["aad:finance_readers".to_owned()][..]
+            )
+        );
+    }
+
+    #[test]
+    fn groups_overage_is_refused_or_ignored_by_policy() {
+        let mut c = config();
+        let overage = json!({
+            "upn": "alice@contoso.com",
+            "_claim_names": {"groups": "src1"},
+            "roles": ["Finance.Read"],
+        });
+        assert_eq!(
+            map(&c, overage.clone(), None).unwrap_err().reason(),
+            "groups_overage"
+        );
+        c.groups_overage = GroupsOverage::IgnoreGroups;
+        let m = map(&c, overage, None).unwrap();
+        assert!(!m.groups_complete);
+        assert_eq!(m.roles, ["aad:finance_readers"]);
+    }
+
+    #[test]
+    fn names_postgres_cannot_hold_are_refused() {
+        let c = config();
+        let long = format!("{}@contoso.com", "a".repeat(60));
+        assert_eq!(
+            map(&c, json!({"upn": long}), None).unwrap_err().reason(),
+            "unusable_user_name"
+        );
+        assert_eq!(
+            map(&c, json!({"upn": "a\u{0}b"}), None)
+                .unwrap_err()
+                .reason(),
+            "unusable_user_name"
+        );
+    }
+}

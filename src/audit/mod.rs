@@ -29,7 +29,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc as std_mpsc, Arc,
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
@@ -292,12 +292,12 @@ struct Shared {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditStartError {
     /// The spool directory could not be created or recovered.
-    #[error("audit spool {dir}: {source}")]
+    #[error("audit spool {dir}: {cause}")]
     Spool {
         /// The directory.
         dir: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, not a `source`: printing the chain would say it twice).
+        cause: std::io::Error,
     },
     /// The spool writer thread could not be started.
     #[error("audit spool writer thread: {0}")]
@@ -316,6 +316,9 @@ pub fn bounded_detail(detail: &str) -> String {
     }
 }
 
+/// How many times (100 ms apart) a start waits for the spool lock.
+const SPOOL_LOCK_TRIES: u32 = 50;
+
 impl AuditLog {
     /// Open (and recover) the spool, start the writer thread and one shipper per sink. The
     /// returned task ends, after everything queued is fsynced and shipped (sinks that are down get
@@ -323,13 +326,25 @@ impl AuditLog {
     pub async fn start(
         config: &AuditConfig,
     ) -> Result<(AuditLog, tokio::task::JoinHandle<()>), AuditStartError> {
-        let spool_err = |source| AuditStartError::Spool {
+        let spool_err = |cause| AuditStartError::Spool {
             dir: config.spool_dir.display().to_string(),
-            source,
+            cause,
         };
-        let (writer, durable) =
-            spool::SpoolWriter::open(&config.spool_dir, config.spool_max_file_bytes)
-                .map_err(spool_err)?;
+        // A writer of this process that is shutting down (a restart in one process) releases
+        // the spool within moments; another process holding it is an error.
+        let mut attempts = 0;
+        let (writer, durable) = loop {
+            match spool::SpoolWriter::open(&config.spool_dir, config.spool_max_file_bytes) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && attempts < SPOOL_LOCK_TRIES =>
+                {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other.map_err(spool_err)?,
+            }
+        };
         let health = Arc::new(Health {
             healthy: AtomicBool::new(true),
             counters: AuditCounters::default(),

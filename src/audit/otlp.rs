@@ -12,12 +12,17 @@ use serde_json::{json, Value};
 /// Why a delivery to the collector failed (it is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
-    /// The request could not be sent or timed out.
+    /// The request could not be sent or timed out (the error carries no URL: an endpoint may
+    /// hold credentials).
     #[error("OTLP request failed: {0}")]
-    Request(#[from] reqwest::Error),
+    Request(reqwest::Error),
     /// The collector answered with an error status.
     #[error("OTLP collector answered {0}")]
     Status(u16),
+    /// The HTTP client could not be built (its TLS back end failed to initialise); events wait
+    /// in the spool.
+    #[error("OTLP client unavailable: {0}")]
+    Client(String),
 }
 
 /// Fields copied into log record attributes (besides the full event as the body).
@@ -39,7 +44,7 @@ const ATTRIBUTES: &[&str] = &[
 /// Delivers batches to one collector.
 pub(crate) struct OtlpSink {
     url: String,
-    client: reqwest::Client,
+    client: Result<reqwest::Client, String>,
 }
 
 impl OtlpSink {
@@ -48,7 +53,7 @@ impl OtlpSink {
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .unwrap_or_default();
+            .map_err(|e| e.without_url().to_string());
         Self {
             url: format!("{}/v1/logs", endpoint.trim_end_matches('/')),
             client,
@@ -57,7 +62,16 @@ impl OtlpSink {
 
     pub(crate) async fn deliver(&self, events: &[Value]) -> Result<(), OtlpError> {
         let body = export_request(events);
-        let resp = self.client.post(&self.url).json(&body).send().await?;
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| OtlpError::Client(e.clone()))?;
+        let resp = client
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| OtlpError::Request(e.without_url()))?;
         let status = resp.status();
         if status.is_success() {
             Ok(())

@@ -92,7 +92,7 @@ impl Filter {
     /// Whether `e` is selected.
     pub fn matches(&self, e: &Value) -> bool {
         let s = |k: &str| e[k].as_str();
-        let eq = |want: &Option<String>, k: &str| want.as_ref().map_or(true, |w| s(k) == Some(w));
+        let eq = |want: &Option<String>, k: &str| want.as_ref().is_none_or(|w| s(k) == Some(w));
         if self.from.is_some() || self.to.is_some() {
             let Some(t) = event_time(e) else { return false };
             if self.from.is_some_and(|f| t < f) || self.to.is_some_and(|to| t >= to) {

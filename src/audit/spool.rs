@@ -107,8 +107,14 @@ pub struct WriterSettings {
     pub max_files: usize,
 }
 
-/// The segment writer (used by one thread only).
+/// The name of the lock file a writer holds in its spool directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// The segment writer (used by one thread only). It holds an exclusive lock on the spool
+/// directory for as long as it lives: two gateways writing one spool would interleave segments
+/// and overwrite each other's cursors.
 pub struct SpoolWriter {
+    _lock: File,
     dir: PathBuf,
     max_bytes: u64,
     /// Segment to write next (opened lazily).
@@ -118,9 +124,22 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
-    /// Create or recover the spool in `dir`; returns the writer and the durable position.
+    /// Create or recover the spool in `dir`; returns the writer and the durable position. An
+    /// error of kind [`io::ErrorKind::WouldBlock`] means another writer holds the spool.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(SpoolWriter, SpoolPos)> {
         fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))?;
+        lock.try_lock().map_err(|e| match e {
+            fs::TryLockError::WouldBlock => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another idgate process is writing this spool (give each gateway its own spool_dir)",
+            ),
+            fs::TryLockError::Error(e) => e,
+        })?;
         let segments = list_segments(dir)?;
         let durable = match segments.last() {
             Some((seq, path)) => SpoolPos {
@@ -130,6 +149,7 @@ impl SpoolWriter {
             None => SpoolPos::default(),
         };
         let writer = SpoolWriter {
+            _lock: lock,
             dir: dir.to_path_buf(),
             max_bytes,
             seq: durable.seq + 1,
@@ -206,7 +226,7 @@ impl SpoolWriter {
         let total = segments.len();
         let now = SystemTime::now();
         for (i, (seq, path)) in segments.iter().enumerate() {
-            let fully_shipped = shipped.map_or(true, |p| *seq < p.seq);
+            let fully_shipped = shipped.is_none_or(|p| *seq < p.seq);
             if !fully_shipped || *seq >= self.durable.seq || *seq >= self.seq {
                 break;
             }
@@ -463,6 +483,66 @@ pub fn save_cursor(dir: &Path, sink: &str, pos: SpoolPos) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_writer_per_spool_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = SpoolWriter::open(dir.path(), 4096).unwrap();
+        let err = SpoolWriter::open(dir.path(), 4096).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(err.to_string().contains("own spool_dir"), "{err}");
+        drop(first);
+        assert!(SpoolWriter::open(dir.path(), 4096).is_ok());
+    }
+
+    #[test]
+    fn prune_deletes_only_shipped_segments_past_the_count_or_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 16).unwrap();
+        let mut positions = Vec::new();
+        for n in 0..6 {
+            // Each batch is larger than max_bytes: one segment per batch.
+            positions.push(
+                w.write_batch(format!("{{\"n\":{n:020}}}\n").as_bytes())
+                    .unwrap(),
+            );
+        }
+        let seqs =
+            |d: &Path| -> Vec<u64> { list_segments(d).unwrap().iter().map(|(s, _)| *s).collect() };
+        assert_eq!(seqs(dir.path()).len(), 6);
+        let keep_all = WriterSettings {
+            fsync_interval: Duration::from_millis(10),
+            retention: Duration::from_secs(3600),
+            max_files: 3,
+        };
+        // A sink has shipped only the first two segments: nothing past them is deleted.
+        w.prune(&keep_all, Some(positions[2])).unwrap();
+        assert_eq!(
+            seqs(dir.path()),
+            [
+                positions[2].seq,
+                positions[3].seq,
+                positions[4].seq,
+                positions[5].seq
+            ]
+        );
+        // Everything shipped: the count limit keeps the newest three (the open one among them).
+        w.prune(&keep_all, Some(positions[5])).unwrap();
+        assert_eq!(
+            seqs(dir.path()),
+            [positions[3].seq, positions[4].seq, positions[5].seq]
+        );
+        // Past the retention age, shipped segments go even under the count limit; the open one
+        // stays.
+        let expired = WriterSettings {
+            retention: Duration::ZERO,
+            max_files: 100,
+            ..keep_all
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        w.prune(&expired, Some(positions[5])).unwrap();
+        assert_eq!(seqs(dir.path()), [positions[5].seq]);
+    }
 
     #[test]
     fn torn_line_is_cut_and_reading_resumes_across_segments() {

@@ -161,6 +161,30 @@ impl VerifiedClaims {
 }
 
 #[cfg(test)]
+impl VerifiedClaims {
+    /// Claims as they would be after validation (v2, no scope or app-role requirement), for
+    /// tests of what consumes them. `claims` must carry `exp`, `azp` and `scp` or `roles`.
+    pub(crate) fn for_test(claims: Value) -> Result<Self, super::TokenError> {
+        let map = match claims {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        let issuer_name: Arc<str> = Arc::from("test");
+        super::jwt::authorize(
+            map,
+            TokenVersion::V2,
+            "00000000-0000-4000-8000-00000000c0de",
+            "test-kid",
+            &super::jwt::AuthzPolicy {
+                issuer_name: &issuer_name,
+                required_scopes: &[],
+                required_app_roles: &[],
+            },
+        )
+    }
+}
+
+#[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;

@@ -346,7 +346,7 @@ impl KeySource {
         let someone_tried = self.generation.load(Ordering::Acquire) != gen;
         let may_retry = st
             .last_attempt
-            .map_or(true, |t| t.elapsed() >= self.cold_floor());
+            .is_none_or(|t| t.elapsed() >= self.cold_floor());
         if !someone_tried && may_retry {
             self.fetch_locked(&mut st, true).await;
         }
@@ -381,10 +381,10 @@ impl KeySource {
             let now = Instant::now();
             let allowed = if st.jwks_ok_once {
                 st.last_forced
-                    .map_or(true, |t| now.duration_since(t) >= self.cfg.refetch_floor)
+                    .is_none_or(|t| now.duration_since(t) >= self.cfg.refetch_floor)
             } else {
                 st.last_attempt
-                    .map_or(true, |t| now.duration_since(t) >= self.cold_floor())
+                    .is_none_or(|t| now.duration_since(t) >= self.cold_floor())
             };
             if allowed {
                 if st.jwks_ok_once {

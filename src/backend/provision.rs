@@ -11,8 +11,12 @@
 //! - A missing login role is created `LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION
 //!   NOBYPASSRLS`; a missing namespace role is created the same way but `NOLOGIN` (Redshift
 //!   creates them too), so the membership exists as soon as a DBA grants the role privileges.
-//! - Membership of a namespace role that can log in (another person), is a superuser, or has
-//!   CREATEROLE is never granted: such roles are reported as `refused`.
+//! - Membership of a namespace role is never granted when the role can log in (another person)
+//!   or when it, or any role it belongs to (directly or through other roles), is a superuser or
+//!   has CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS, or is one of PostgreSQL's predefined
+//!   `pg_*` roles (`pg_read_server_files`, `pg_execute_server_program`, …): a DBA-made
+//!   `aad:x` cannot become a path to privileges outside the namespace. Such roles are reported
+//!   as `refused`.
 //! - Concurrent first logins of one person: the transaction takes `pg_advisory_xact_lock` on every
 //!   name it may create, in sorted order, then re-reads the catalog; a duplicate-role error from a
 //!   writer outside idgate (`42710`/`23505`) is retried once. Within one idgate, concurrent
@@ -68,7 +72,7 @@ impl fmt::Display for RoleChanges {
             ("granted", &self.granted),
             ("revoked", &self.revoked),
             (
-                "not granted (login, superuser or createrole role)",
+                "not granted (a login role, or one that carries privileges)",
                 &self.refused,
             ),
         ] {
@@ -417,6 +421,19 @@ impl State {
     }
 }
 
+/// Each of the names in `$1` that exists, and whether its membership may be granted: it cannot
+/// log in, and neither it nor any role it belongs to, transitively, holds an elevated attribute
+/// or is a predefined `pg_*` role.
+const GRANTABLE_SQL: &str = "\
+SELECT r.rolname::text, (NOT r.rolcanlogin AND NOT EXISTS ( \
+    WITH RECURSIVE up(oid) AS ( \
+        SELECT r.oid \
+        UNION SELECT m.roleid FROM pg_auth_members m JOIN up ON m.member = up.oid) \
+    SELECT 1 FROM up JOIN pg_roles a ON a.oid = up.oid \
+    WHERE a.rolsuper OR a.rolcreaterole OR a.rolcreatedb OR a.rolreplication \
+        OR a.rolbypassrls OR starts_with(a.rolname, 'pg_'))) \
+FROM pg_roles r WHERE r.rolname = ANY($1::text[])";
+
 async fn read_state(
     client: &tokio_postgres::Client,
     user: &str,
@@ -424,13 +441,7 @@ async fn read_state(
     prefix: &str,
 ) -> Result<State, ProvisionError> {
     let names: Vec<&str> = wanted.iter().copied().chain([user]).collect();
-    let rows = client
-        .query(
-            "SELECT rolname::text, (NOT rolcanlogin AND NOT rolsuper AND NOT rolcreaterole) \
-             FROM pg_roles WHERE rolname = ANY($1::text[])",
-            &[&names],
-        )
-        .await?;
+    let rows = client.query(GRANTABLE_SQL, &[&names]).await?;
     let mut user_exists = false;
     let mut existing = Vec::new();
     for row in rows {

@@ -512,7 +512,7 @@ impl DevIdp {
         };
         let keys: Vec<Value> = lock(&self.inner.keys)
             .iter()
-            .filter(|k| published.as_ref().map_or(true, |p| p.contains(&k.kid)))
+            .filter(|k| published.as_ref().is_none_or(|p| p.contains(&k.kid)))
             .map(|k| k.jwk(issuer.as_deref()))
             .collect();
         json!({ "keys": keys })

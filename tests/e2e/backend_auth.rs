@@ -127,6 +127,7 @@ impl Drop for Gateway {
 async fn spawn_gateway(env: &Env, mut config: Config, label: &str) -> Gateway {
     let audit_path = env.dir.path().join(format!("audit-{label}.jsonl"));
     config.audit.file_path = Some(audit_path.clone());
+    config.audit.spool_dir = env.dir.path().join(format!("spool-{label}"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let shutdown = CancellationToken::new();
@@ -419,6 +420,21 @@ async fn jit_env_with(
     .await
 }
 
+/// The session reads the three `sales` rows, and `role` is a member of `aad:analysts` alone.
+async fn reads_sales_through_analysts_only(
+    client: &tokio_postgres::Client,
+    cluster: &PgCluster,
+    role: &str,
+) {
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM sales", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    assert_eq!(memberships(cluster, role).await, ["aad:analysts"]);
+}
+
 async fn memberships(cluster: &PgCluster, user: &str) -> Vec<String> {
     let rows = cluster
         .query_in(
@@ -516,6 +532,54 @@ async fn jit_creates_the_role_and_keeps_group_membership_in_step() {
     }
 }
 
+/// Namespace roles a DBA gave privileges to, directly or through another role.
+const PRIVILEGED_SETUP: &str = r#"
+CREATE ROLE "aad:files" NOLOGIN;
+GRANT pg_read_server_files TO "aad:files";
+CREATE ROLE builders NOLOGIN CREATEDB;
+CREATE ROLE "aad:builders" NOLOGIN;
+GRANT builders TO "aad:builders";
+CREATE ROLE "aad:rls" NOLOGIN BYPASSRLS;
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jit_never_grants_a_namespace_role_that_carries_privileges() {
+    let setup = format!("{JIT_SETUP}{PRIVILEGED_SETUP}");
+    let backend = cert_backend("jit-privileged", &["localhost", "127.0.0.1"], &setup).await;
+    const GROUPS: [(&str, &str); 3] = [
+        ("6f1c0000-0000-4000-8000-0000000f11e5", "files"),
+        ("6f1c0000-0000-4000-8000-0000000b1d25", "builders"),
+        ("6f1c0000-0000-4000-8000-000000000215", "rls"),
+    ];
+    let env = jit_env_with(&backend, |cfg| {
+        for (id, role) in GROUPS {
+            cfg.identity.groups.insert(id.into(), role.into());
+        }
+    })
+    .await;
+    let dave = "dave@contoso.example";
+    let role = "aad:dave@contoso.example";
+    let mut groups: Vec<&str> = GROUPS.iter().map(|(id, _)| *id).collect();
+    groups.push(ANALYSTS_GROUP);
+    let token = env.idp.mint(&TokenSpec::user(dave).groups(&groups));
+    let client = env.pg_connect(Some(dave), &token).await.unwrap();
+    // The harmless namespace role is granted and works; the three others are not granted.
+    reads_sales_through_analysts_only(&client, &backend.cluster, role).await;
+    let err = client
+        .query("SELECT pg_read_file('PG_VERSION')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "42501", "{err}");
+    let provisioned = env.wait_event(|e| e["kind"] == "roles_provisioned").await;
+    let detail = provisioned["detail"].as_str().unwrap();
+    for refused in ["aad:files", "aad:builders", "aad:rls"] {
+        assert!(
+            detail.contains("not granted") && detail.contains(refused),
+            "{refused}: {detail}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn jit_revokes_nothing_when_the_token_cannot_list_the_groups() {
     let backend = cert_backend("jit-overage", &["localhost", "127.0.0.1"], JIT_SETUP).await;
@@ -535,13 +599,7 @@ async fn jit_revokes_nothing_when_the_token_cannot_list_the_groups() {
         .idp
         .mint(&TokenSpec::user(erin).claim("_claim_names", serde_json::json!({"groups": "src1"})));
     let client = env.pg_connect(Some(erin), &overage).await.unwrap();
-    let n: i64 = client
-        .query_one("SELECT count(*) FROM sales", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 3);
-    assert_eq!(memberships(&backend.cluster, role).await, ["aad:analysts"]);
+    reads_sales_through_analysts_only(&client, &backend.cluster, role).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

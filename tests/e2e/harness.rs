@@ -337,6 +337,23 @@ impl Env {
         metric_value(&body, series).unwrap_or_else(|| panic!("/metrics has no {series}:\n{body}"))
     }
 
+    /// This environment's configuration file for an `idgate serve` process listening on `port`,
+    /// with an audit file and spool of its own (a spool has one writer).
+    pub fn process_config(&self, port: u16) -> String {
+        std::fs::read_to_string(&self.config_path)
+            .unwrap()
+            .replace(
+                "addr = \"127.0.0.1:0\"",
+                &format!("addr = \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                "[audit]\nfile_path = \"audit.jsonl\"",
+                &format!(
+                    "[audit]\nfile_path = \"audit-{port}.jsonl\"\nspool_dir = \"spool-{port}\""
+                ),
+            )
+    }
+
     /// Which cluster answers a session (the `whoami` marker table).
     pub async fn whoami(client: &tokio_postgres::Client) -> String {
         let rows = client

@@ -11,12 +11,10 @@ use crate::harness::{free_port, Env, EnvOptions, ALICE};
 /// Run `idgate serve` with `otlp_endpoint`, log in once, stop it; returns whether the login worked.
 async fn serve_once(env: &Env, endpoint: &str) -> bool {
     let port = free_port();
-    let text = std::fs::read_to_string(&env.config_path).unwrap().replace(
-        "addr = \"127.0.0.1:0\"",
-        &format!("addr = \"127.0.0.1:{port}\""),
-    ) + &format!(
-        "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n[shutdown]\ngrace_period = \"1s\"\n"
-    );
+    let text = env.process_config(port)
+        + &format!(
+            "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n[shutdown]\ngrace_period = \"1s\"\n"
+        );
     let path = env.dir.path().join(format!("otel-{port}.toml"));
     std::fs::write(&path, text).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idgate"))
