@@ -1524,3 +1524,163 @@ async fn fail_open_forces_a_session_onto_a_target_that_only_its_probe_calls_down
     assert_eq!(normal.len(), 2);
     assert!(normal[1].get("route_forced").is_none(), "{}", normal[1]);
 }
+
+/// Two targets behind one pool with `balance = <balance>`, probed every 200 ms.
+fn balanced(balance: &str, weights: [u32; 2]) -> EnvOptions {
+    EnvOptions {
+        pools_toml: Some(format!(
+            "[[pools]]\nname = \"main\"\nbalance = \"{balance}\"\n\
+             targets = [{{ addr = \"{{c0}}\", weight = {} }}, {{ addr = \"{{c1}}\", weight = {} }}]\n",
+            weights[0], weights[1]
+        )),
+        ..two_targets("")
+    }
+}
+
+/// `active_sessions` of the target serving cluster `addr`, as `GET /pools` reports it.
+async fn active_sessions(env: &Env, addr: &str) -> u64 {
+    pool_status(env, "main").await["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["addr"] == addr)
+        .unwrap()["active_sessions"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_sessions_sends_new_sessions_to_the_target_with_fewer_open_ones() {
+    let env = Env::with(balanced("least_sessions", [1, 1])).await;
+    let addrs = [
+        env.clusters[0].addr().to_string(),
+        env.clusters[1].addr().to_string(),
+    ];
+    wait_health(&env, &addrs[0], "up").await;
+    wait_health(&env, &addrs[1], "up").await;
+    let token = env.token(ALICE);
+    let connect = || env.pg_connect(Some(ALICE), &token);
+    // One session stays open on one target ("busy"); the other target is "idle".
+    let held = connect().await.unwrap();
+    let busy = Env::whoami(&held).await;
+    let (idle, idle_addr) = if busy == "wg0" {
+        ("wg1", &addrs[1])
+    } else {
+        ("wg0", &addrs[0])
+    };
+    // Round-robin would alternate; least sessions picks the idle target every time.
+    for i in 0..4 {
+        let c = connect().await.unwrap();
+        assert_eq!(Env::whoami(&c).await, idle, "session {i}");
+        drop(c);
+        for _ in 0..100 {
+            if active_sessions(&env, idle_addr).await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(Env::whoami(&held).await, busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_balancing_spreads_sessions_by_weight() {
+    let env = Env::with(balanced("weighted", [3, 1])).await;
+    wait_health(&env, &env.clusters[0].addr().to_string(), "up").await;
+    wait_health(&env, &env.clusters[1].addr().to_string(), "up").await;
+    let mut on_wg0 = 0;
+    for _ in 0..40 {
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap();
+        if Env::whoami(&c).await == "wg0" {
+            on_wg0 += 1;
+        }
+    }
+    // Smooth weighted round-robin gives 30 of 40 to weight 3 (round-robin would give 20).
+    assert!(
+        (28..=32).contains(&on_wg0),
+        "{on_wg0} of 40 on the weight-3 target"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_send_no_sni_reach_every_pool() {
+    let env = Env::with(three_pools()).await;
+    // The Python Redshift driver, to 127.0.0.1 (an address: TLS carries no SNI), native IdP.
+    let run = |token: &str, database: &str| {
+        let args: Vec<String> = [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &env.port().to_string(),
+            "--database",
+            database,
+            "--mode",
+            "idp_token",
+            "--token-file",
+            &env.token_file(token).display().to_string(),
+            "--sslmode",
+            "verify-ca",
+            "--query",
+            "SELECT name FROM whoami",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        tokio::task::block_in_place(|| crate::clients::run_python(&env, "rs_connect.py", &args))
+    };
+    let grouped = env
+        .idp
+        .mint(&TokenSpec::user(ALICE).groups(&[ANALYSTS_GROUP]));
+    for (token, database, pool, rule) in [
+        (env.token(ALICE), "wg1/dev", "wg1", "database"),
+        (grouped, "dev", "wg2", "claim"),
+        (env.token(ALICE), "dev", "wg0", "default"),
+    ] {
+        let Some((ok, out, err)) = run(&token, database) else {
+            return;
+        };
+        assert!(ok, "{database}: {err}");
+        let rows: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(rows, serde_json::json!([[pool]]), "{database}");
+        let routed = env
+            .wait_event(|e| e["kind"] == "session_routed" && e["pool"] == pool)
+            .await;
+        assert_eq!(routed["route_rule"], rule, "{routed}");
+        assert!(routed["sni"].is_null(), "the driver sent SNI: {routed}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_issuers() {
+    let env = Env::with(EnvOptions {
+        admin: true,
+        ..EnvOptions::default()
+    })
+    .await;
+    let token = env.token(ALICE);
+    drop(env.pg_connect(Some(ALICE), &token).await.unwrap());
+    // The issuer now accepts another audience only: the same token is refused.
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let audiences = text
+        .lines()
+        .find(|l| l.starts_with("audiences = "))
+        .unwrap()
+        .to_owned();
+    let other = text.replace(&audiences, "audiences = [\"api://someone-else\"]");
+    std::fs::write(&env.config_path, &other).unwrap();
+    let (status, body) = env.admin("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let since = env.audit_events().len();
+    let err = env.pg_connect(Some(ALICE), &token).await.err().unwrap();
+    assert_eq!(sqlstate(&err), "28000", "{err}");
+    assert_eq!(env.wait_refusal_reason(since).await, "audience_mismatch");
+    // Back to the original issuer settings: the token works again.
+    std::fs::write(&env.config_path, &text).unwrap();
+    let (status, body) = env.admin("POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let c = env.pg_connect(Some(ALICE), &token).await.unwrap();
+    assert_eq!(Env::whoami(&c).await, "wg0");
+}
