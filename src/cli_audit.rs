@@ -87,6 +87,8 @@ enum Format {
     Table,
     Json,
     Csv,
+    /// OCSF Authentication events as JSON lines (query and follow).
+    Ocsf,
 }
 
 impl From<Format> for OutputFormat {
@@ -95,6 +97,7 @@ impl From<Format> for OutputFormat {
             Format::Table => OutputFormat::Table,
             Format::Json => OutputFormat::Json,
             Format::Csv => OutputFormat::Csv,
+            Format::Ocsf => OutputFormat::Ocsf,
         }
     }
 }
@@ -203,7 +206,9 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let events = load(&source, &filter, usize::MAX).await?;
             let summary = query::summarize(&events);
             match args.format {
-                Format::Json => println!("{}", serde_json::to_string(&summary)?),
+                Format::Json | Format::Ocsf => {
+                    println!("{}", serde_json::to_string(&summary)?)
+                }
                 Format::Table | Format::Csv => print!("{summary}"),
             }
             Ok(ExitCode::SUCCESS)
@@ -228,7 +233,7 @@ async fn follow(args: Box<QueryArgs>) -> anyhow::Result<ExitCode> {
         }
         let text = query::render(&events, format);
         // Header once; afterwards only rows.
-        let body = if header || format == OutputFormat::Json {
+        let body = if header || matches!(format, OutputFormat::Json | OutputFormat::Ocsf) {
             text
         } else {
             text.split_once('\n')

@@ -251,6 +251,9 @@ pub enum OutputFormat {
     Json,
     /// The table's columns (plus target and event id) as RFC 4180 CSV with a header.
     Csv,
+    /// OCSF Authentication events (logins, refusals, logoffs), one JSON object per line; events
+    /// with no OCSF form are left out.
+    Ocsf,
 }
 
 const TABLE_COLUMNS: [&str; 8] = [
@@ -299,6 +302,12 @@ pub fn render(events: &[Value], format: OutputFormat) -> String {
     match format {
         OutputFormat::Json => {
             for e in events {
+                out.push_str(&e.to_string());
+                out.push('\n');
+            }
+        }
+        OutputFormat::Ocsf => {
+            for e in events.iter().filter_map(super::ocsf::to_ocsf) {
                 out.push_str(&e.to_string());
                 out.push('\n');
             }

@@ -1012,6 +1012,25 @@ async fn ocsf_file_output_field_by_field() {
     assert!(!ocsf
         .iter()
         .any(|e| e["unmapped"]["idgate_kind"] == "connection_accepted"));
+    // `idgate audit query --format ocsf` over the spool prints the same events as the sink.
+    let spool = env.config.audit.spool_dir.display().to_string();
+    let printed: Vec<Value> = cli(
+        &["audit", "query", "--format", "ocsf", "--spool", &spool],
+        &[],
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    let uids = |events: &[Value]| -> Vec<String> {
+        let mut v: Vec<String> = events
+            .iter()
+            .map(|e| e["metadata"]["uid"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(uids(&printed), uids(&ocsf));
+    assert!(printed.iter().all(|e| e["class_uid"] == 3002));
 }
 
 #[tokio::test]
