@@ -18,12 +18,15 @@ use idgate::{
         spool::{list_segments, load_cursor, SpoolPos},
     },
     config::{AlertPer, AlertRule, AuditFormat},
+    devidp::TokenSpec,
     pgcluster::{ClusterSettings, PgCluster, StopMode},
     types::Secret,
 };
 use serde_json::{json, Value};
 
-use crate::harness::{free_port, metric_value, sqlstate, Env, EnvOptions, ALICE, APP_GUID, TENANT};
+use crate::harness::{
+    free_port, metric_value, sqlstate, Env, EnvOptions, ALICE, APP_GUID, BOB, TENANT,
+};
 
 /// Put in the audit URL (trust auth ignores it) so tests can check it never leaks.
 pub const AUDIT_DB_PASSWORD: &str = "audit-db-secret-pw-7f3a";
@@ -1208,4 +1211,43 @@ async fn query_audit_records_statements_and_leaves_the_session_unchanged() {
     assert!(!long_q["statement"].as_str().unwrap().contains('\u{FFFD}'));
     // Off by default: no query events without the pool setting (checked by the other tests'
     // event counts, e.g. the outage test's exact 5000).
+}
+
+#[tokio::test]
+async fn failed_logins_for_one_user_fire_the_per_user_alert() {
+    let mut env = Env::with(EnvOptions {
+        tweak: Box::new(|c, _| {
+            c.audit.alerts = vec![AlertRule {
+                name: "guessing-user".into(),
+                failed_logins: 3,
+                within: Duration::from_secs(600),
+                per: AlertPer::User,
+                webhook_url: None,
+            }]
+        }),
+        ..Default::default()
+    })
+    .await;
+    // Three failures for alice (an expired token of hers, then garbage in her name), two for
+    // bob: only alice crosses the threshold; both come from the same address.
+    let expired = env.idp.mint(&TokenSpec::user(ALICE).expires_in(-600));
+    for token in [expired.as_str(), "garbage-1", "garbage-2"] {
+        assert!(env.pg_connect(Some(ALICE), token).await.is_err());
+    }
+    for token in ["garbage-3", "garbage-4"] {
+        assert!(env.pg_connect(Some(BOB), token).await.is_err());
+    }
+    let alert = env.wait_event(|e| e["kind"] == "alert").await;
+    assert_eq!(alert["alert"]["rule"], "guessing-user");
+    assert_eq!(alert["alert"]["per"], "user");
+    assert_eq!(alert["alert"]["key"], ALICE);
+    assert_eq!(alert["alert"]["failed_logins"], 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.stop_gateway().await;
+    let alerts = env
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["kind"] == "alert")
+        .count();
+    assert_eq!(alerts, 1);
 }
