@@ -357,3 +357,40 @@ async fn no_token_appears_in_logs_or_audit_files() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdout_sink_writes_every_event_as_a_json_line_native_or_ocsf() {
+    let env = Env::start().await;
+    for format in ["native", "ocsf"] {
+        let (ok, stdout) = crate::telemetry::serve_once_with(&env, |text| {
+            text.replace(
+                "[audit]\n",
+                &format!("[audit]\nstdout = true\nstdout_format = \"{format}\"\n"),
+            )
+        })
+        .await;
+        assert!(ok, "{format}: the login through `idgate serve` failed");
+        let events: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{format}: {e}: {l}")))
+            .collect();
+        let session = |kind: &str| match format {
+            "native" => events.iter().any(|e| e["kind"] == kind),
+            _ => events.iter().any(|e| e["unmapped"]["idgate_kind"] == kind),
+        };
+        // The whole session, flushed before the process exited.
+        assert!(
+            session("session_routed") && session("session_ended"),
+            "{format}: {stdout}"
+        );
+        if format == "native" {
+            assert!(
+                session("connection_accepted") && session("auth_succeeded"),
+                "{stdout}"
+            );
+        } else {
+            assert!(events.iter().all(|e| e["class_uid"] == 3002), "{stdout}");
+        }
+        assert!(!stdout.contains(&env.token(ALICE)[..40]));
+    }
+}

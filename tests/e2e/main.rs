@@ -17,4 +17,4 @@ mod pools;
 mod protocol;
 mod raw;
 mod refusals;
-mod telemetry;
+pub(crate) mod telemetry;

@@ -10,17 +10,28 @@ use crate::harness::{free_port, Env, EnvOptions, ALICE};
 
 /// Run `idgate serve` with `otlp_endpoint`, log in once, stop it; returns whether the login worked.
 async fn serve_once(env: &Env, endpoint: &str) -> bool {
+    serve_once_with(env, |text| {
+        text + &format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n")
+    })
+    .await
+    .0
+}
+
+/// Run `idgate serve` with the environment's configuration changed by `edit`, log in once and
+/// stop it with SIGTERM; returns whether the login worked, and the process's stdout.
+pub(crate) async fn serve_once_with(
+    env: &Env,
+    edit: impl FnOnce(String) -> String,
+) -> (bool, String) {
     let port = free_port();
-    let text = env.process_config(port)
-        + &format!(
-            "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n[shutdown]\ngrace_period = \"1s\"\n"
-        );
-    let path = env.dir.path().join(format!("otel-{port}.toml"));
+    let text = edit(env.process_config(port)) + "\n[shutdown]\ngrace_period = \"1s\"\n";
+    let path = env.dir.path().join(format!("serve-{port}.toml"));
     std::fs::write(&path, text).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idgate"))
         .args(["serve", "--config"])
         .arg(&path)
         .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -56,7 +67,7 @@ async fn serve_once(env: &Env, endpoint: &str) -> bool {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    ok
+    (ok, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
