@@ -45,17 +45,7 @@ async fn exactly_one_session_ended_per_accepted_connection() {
     env.stop_gateway().await;
 
     let events = env.audit_events();
-    let mut accepted: HashMap<String, usize> = HashMap::new();
-    let mut ended: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        let sid = e["session_id"].as_str().unwrap().to_owned();
-        match e["kind"].as_str().unwrap() {
-            "connection_accepted" => *accepted.entry(sid).or_default() += 1,
-            "session_ended" => *ended.entry(sid).or_default() += 1,
-            _ => {}
-        }
-        assert!(e["event_id"].as_str().is_some() && e["time"].as_str().is_some());
-    }
+    let (accepted, ended) = accepted_and_ended(&events);
     assert_eq!(accepted.len(), 6, "{events:#?}");
     assert_eq!(
         accepted, ended,
@@ -202,16 +192,7 @@ async fn every_way_a_connection_ends_gives_exactly_one_session_ended() {
 
     env.stop_gateway().await;
     let events = env.audit_events();
-    let mut accepted: HashMap<String, usize> = HashMap::new();
-    let mut ended: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        let sid = e["session_id"].as_str().unwrap().to_owned();
-        match e["kind"].as_str().unwrap() {
-            "connection_accepted" => *accepted.entry(sid).or_default() += 1,
-            "session_ended" => *ended.entry(sid).or_default() += 1,
-            _ => {}
-        }
-    }
+    let (accepted, ended) = accepted_and_ended(&events);
     assert_eq!(accepted.len(), want.len(), "{events:#?}");
     assert!(accepted.values().all(|n| *n == 1), "{accepted:?}");
     assert_eq!(
@@ -393,4 +374,23 @@ async fn the_stdout_sink_writes_every_event_as_a_json_line_native_or_ocsf() {
         }
         assert!(!stdout.contains(&env.token(ALICE)[..40]));
     }
+}
+
+/// Per session id, how many `connection_accepted` and how many `session_ended` events there are
+/// (every event must carry an id and a time).
+fn accepted_and_ended(
+    events: &[serde_json::Value],
+) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    let mut accepted: HashMap<String, usize> = HashMap::new();
+    let mut ended: HashMap<String, usize> = HashMap::new();
+    for e in events {
+        let sid = e["session_id"].as_str().unwrap().to_owned();
+        match e["kind"].as_str().unwrap() {
+            "connection_accepted" => *accepted.entry(sid).or_default() += 1,
+            "session_ended" => *ended.entry(sid).or_default() += 1,
+            _ => {}
+        }
+        assert!(e["event_id"].as_str().is_some() && e["time"].as_str().is_some());
+    }
+    (accepted, ended)
 }
