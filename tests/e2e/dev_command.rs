@@ -21,6 +21,8 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut psql_line = None;
+    let mut rs_line = None;
+    let mut bob_line = None;
     let mut work_dir = None;
     let read = async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -32,6 +34,10 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
             }
             if line.starts_with("PGPASSWORD=") {
                 psql_line = Some(line);
+            } else if line.starts_with("SSL_CERT_FILE=") {
+                rs_line = Some(line);
+            } else if let Some((_, cmd)) = line.split_once("a token for bob") {
+                bob_line = cmd.split_once(": ").map(|(_, c)| c.to_owned());
                 break;
             }
         }
@@ -57,6 +63,60 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
         stdout.contains("aad:alice@contoso.example") && stdout.contains("(2 rows)"),
         "{stdout}"
     );
+
+    // The printed redshift_connector line, with the test venv's python for `python3`.
+    let rs_line = rs_line.expect("no redshift_connector line");
+    match crate::harness::python() {
+        Some(py) => {
+            let line = rs_line.replace("python3 -c", &format!("{} -c", py.display()));
+            let out = tokio::process::Command::new("bash")
+                .args(["-c", &line])
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "printed redshift_connector line failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let rows = String::from_utf8_lossy(&out.stdout);
+            assert!(rows.contains("hello from behind idgate"), "{rows}");
+        }
+        None => crate::harness::missing_tool("python venv with redshift_connector"),
+    }
+
+    // The printed curl line gets a token for bob from the dev IdP's token endpoint; psql with
+    // it logs in as bob, whom PostgreSQL itself refuses SELECT on demo.
+    let bob_line = bob_line.expect("no curl line for bob");
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", &bob_line])
+        .current_dir(&work_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bob_token = work_dir.join("bob.token");
+    let alice_token = psql_line
+        .split("$(cat ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .to_owned();
+    let bob_psql = psql_line
+        .replace(&alice_token, &bob_token.display().to_string())
+        .replace("user=alice@", "user=bob@");
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", &bob_psql])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("permission denied"), "{stderr}");
 
     // Ctrl-C stops everything and removes the temporary files and the cluster.
     let pid = child.id().unwrap() as i32;
