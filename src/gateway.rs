@@ -32,6 +32,10 @@ use crate::{
 /// How long cut sessions get to write their 57P01 and close after the grace period.
 const HARD_STOP: Duration = Duration::from_secs(5);
 
+/// How many connections past `listener.max_connections` may be in their TLS handshake at once to
+/// be told 53300; more than that are closed without a handshake.
+pub const OVER_CAP_HANDSHAKES: usize = 32;
+
 /// Why the gateway could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -119,6 +123,9 @@ pub struct Gateway {
     pub audit: AuditLog,
     /// Connection cap (fixed at start; a reload reports a change as needing a restart).
     pub connections: Arc<Semaphore>,
+    /// Handshakes that run past the connection cap only to answer 53300
+    /// ([`OVER_CAP_HANDSHAKES`] at once).
+    pub over_cap_handshakes: Arc<Semaphore>,
     /// Metrics.
     pub metrics: Metrics,
     /// Set once shutdown began: `/readyz` answers 503.
@@ -306,6 +313,7 @@ pub async fn run_with(
         cancels: CancelMap::default(),
         audit,
         connections: Arc::new(Semaphore::new(max_connections)),
+        over_cap_handshakes: Arc::new(Semaphore::new(OVER_CAP_HANDSHAKES)),
         metrics: Metrics::new(),
         draining: AtomicBool::new(false),
         loader: options.loader.take(),

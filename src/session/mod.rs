@@ -201,7 +201,19 @@ pub async fn handle_client(
     }
     // Over the cap, the handshake still runs (bounded by handshake_timeout) so the client gets a
     // readable 53300 instead of a broken TLS negotiation; no token is read and no backend is used.
+    // Only OVER_CAP_HANDSHAKES such handshakes run at once: past that, a flood of connections is
+    // closed before any TLS work (the audit trail still records each one).
     let permit = gw.connections.clone().try_acquire_owned().ok();
+    let _over_cap = match &permit {
+        Some(_) => None,
+        None => match gw.over_cap_handshakes.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                fail(&mut ctx, None, &SessionError::TooManyConnections).await;
+                return;
+            }
+        },
+    };
     // The inner deadline answers a stalled startup with an ErrorResponse; this one bounds the
     // TLS handshake too, a moment later so the inner one wins a tie.
     let handshake = tokio::time::timeout_at(

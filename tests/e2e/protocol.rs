@@ -360,6 +360,36 @@ async fn connection_cap_answers_53300() {
         .err()
         .unwrap();
     assert_eq!(sqlstate(&err), "53300");
+    // Connections past the cap that stall in their handshake hold the few over-cap handshake
+    // slots; while they do, a further client is closed without a TLS handshake (no 53300).
+    let mut stalled = Vec::new();
+    for _ in 0..idgate::gateway::OVER_CAP_HANDSHAKES {
+        stalled.push(TcpStream::connect(env.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = env
+        .pg_connect(Some(ALICE), &env.token(ALICE))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.as_db_error().is_none(), "closed without a 53300: {err}");
+    // Once they go away, a client past the cap is told 53300 again.
+    drop(stalled);
+    let mut told = false;
+    for _ in 0..50 {
+        let err = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .err()
+            .unwrap();
+        if err.as_db_error().is_some() {
+            assert_eq!(sqlstate(&err), "53300");
+            told = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(told, "the over-cap handshake slots were not released");
     drop(first);
     // The slot frees up once the first session ends.
     let mut ok = false;
