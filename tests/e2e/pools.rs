@@ -1684,3 +1684,110 @@ async fn reload_swaps_issuers() {
     let c = env.pg_connect(Some(ALICE), &token).await.unwrap();
     assert_eq!(Env::whoami(&c).await, "wg0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_connect_failures_eject_a_target_without_waiting_for_a_probe() {
+    // Probes run at start and then not for an hour: only live connects can eject wg1.
+    let env = Env::with(EnvOptions {
+        extra_toml: "[health]\ninterval = \"1h\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n".into(),
+        ..two_targets("")
+    })
+    .await;
+    let c1 = env.clusters[1].addr().to_string();
+    wait_health(&env, &c1, "up").await;
+    env.clusters[1]
+        .stop(idgate::pgcluster::StopMode::Immediate)
+        .await
+        .unwrap();
+    // Every connect succeeds (the refused attempt is retried on wg0 before the client sees it).
+    for i in 0..20 {
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap_or_else(|e| panic!("connect {i} failed: {e}"));
+        assert_eq!(Env::whoami(&c).await, "wg0", "connect {i}");
+    }
+    wait_health(&env, &c1, "down").await;
+    let down = env
+        .wait_event(|e| {
+            e["kind"] == "target_health_changed"
+                && e["target"] == c1.as_str()
+                && e["health"] == "down"
+        })
+        .await;
+    assert_eq!(down["pool"], "main");
+    // `fall = 2`: after two failed live attempts wg1 is skipped and never tried again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let attempts = env
+        .audit_events()
+        .iter()
+        .filter(|e| e["kind"] == "backend_attempt_failed")
+        .inspect(|e| assert_eq!(e["reason"], "backend_connect_failed", "{e}"))
+        .count();
+    assert_eq!(attempts, 2);
+}
+
+/// A TCP server that accepts connections and never answers (a hung backend).
+async fn silent_server() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_target_times_out_into_the_next_one_within_the_retry_budget() {
+    let (hung, _server) = silent_server().await;
+    let (hung2, _server2) = silent_server().await;
+    let env = Env::with(EnvOptions {
+        clusters: 1,
+        pools_toml: Some(format!(
+            "[[pools]]\nname = \"main\"\nlogin_timeout = \"500ms\"\nretry_budget = \"3s\"\n\
+             targets = [{{ addr = \"{hung}\" }}, {{ addr = \"{{c0}}\" }}]\n\n\
+             [[pools]]\nname = \"hung\"\nlogin_timeout = \"2s\"\nretry_budget = \"1s\"\n\
+             targets = [{{ addr = \"{hung}\" }}, {{ addr = \"{hung2}\" }}]\n"
+        )),
+        extra_toml: "[routing]\ndefault_pool = \"main\"\n".into(),
+        ..EnvOptions::default()
+    })
+    .await;
+    // Round-robin puts the hung target first for every other session: each still lands on wg0.
+    for i in 0..4 {
+        let started = Instant::now();
+        let c = env
+            .pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap_or_else(|e| panic!("connect {i} failed: {e}"));
+        assert_eq!(Env::whoami(&c).await, "wg0");
+        assert!(started.elapsed() < Duration::from_secs(3), "connect {i}");
+    }
+    let timed_out = env
+        .wait_event(|e| e["kind"] == "backend_attempt_failed" && e["reason"] == "backend_timeout")
+        .await;
+    assert!(
+        timed_out["detail"].as_str().unwrap().contains(&hung),
+        "{timed_out}"
+    );
+    // Both targets hang: the budget (1 s) ends the attempt long before the login timeouts
+    // would (2 s + 2 s), and the client gets 08006.
+    let started = Instant::now();
+    let err = connect_with(&env, &env.token(ALICE), "hung/dev", None)
+        .await
+        .err()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(sqlstate(&err), "08006", "{err}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let failed = env
+        .wait_event(|e| e["kind"] == "backend_login_failed" && e["pool"] == "hung")
+        .await;
+    assert_eq!(failed["reason"], "backend_timeout", "{failed}");
+}
