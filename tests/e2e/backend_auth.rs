@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     clients::{run_python, which},
-    harness::{read_events, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB, SETUP_SQL},
+    harness::{
+        read_events, sqlstate, start_cluster, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB,
+        SETUP_SQL,
+    },
     raw,
 };
 
@@ -380,6 +383,52 @@ async fn upstream_verify_full_refuses_a_backend_certificate_that_does_not_match(
     let gw = spawn_gateway(&env, good, "good").await;
     let one: i32 = scalar_at(&env, gw.port, ALICE, "SELECT 1").await;
     assert_eq!(one, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_require_encrypts_without_verifying_and_warns() {
+    // The server certificate names only "localhost"; the target is 127.0.0.1 (verify-full
+    // refuses it, see above).
+    let backend = cert_backend("cc-require", &["localhost"], SETUP_SQL).await;
+    let env = cert_env(&backend, Duration::from_secs(3600)).await;
+    let mut require = env.config.clone();
+    require.pools[0].backend_tls = BackendTls::Require;
+    let warnings = require.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("backend_tls = \"require\" does not verify")),
+        "{warnings:?}"
+    );
+    let gw = spawn_gateway(&env, require.clone(), "require").await;
+    // Logged in over TLS (the server takes only `hostssl … cert`), as the person.
+    let ssl: bool = scalar_at(
+        &env,
+        gw.port,
+        ALICE,
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .await;
+    assert!(ssl);
+    let who: String = scalar_at(&env, gw.port, ALICE, "SELECT session_user::text").await;
+    assert_eq!(who, "aad:alice@contoso.example");
+
+    // `require` against a server without TLS: refused, 08006, audited as a TLS refusal.
+    let plain = start_cluster("require-plain", vec![]).await;
+    require.pools[0].targets = vec![target("127.0.0.1", plain.port())];
+    let gw = spawn_gateway(&env, require, "require-plain").await;
+    let err = env
+        .pg_connect_port(gw.port, Some(ALICE), &env.token(ALICE), "dev")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err}");
+    let failed = wait_events(&gw.audit_path, |e| e["kind"] == "backend_login_failed").await;
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("backend_tls")),
+        "{failed}"
+    );
 }
 
 const JIT_SETUP: &str = r#"
