@@ -1251,3 +1251,96 @@ async fn failed_logins_for_one_user_fire_the_per_user_alert() {
         .count();
     assert_eq!(alerts, 1);
 }
+
+/// `idgate audit follow --format json` with `source` args, its stdout lines collected as they come.
+fn follow_process(source: &[&str]) -> (tokio::process::Child, Arc<Mutex<Vec<Value>>>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idgate"))
+        .args(["audit", "follow", "--format", "json"])
+        .args(source)
+        .env_remove("IDGATE_AUDIT_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_str(&line).unwrap());
+        }
+    });
+    (child, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_follow_streams_new_events_from_postgres_and_from_the_spool() {
+    let (_db, url) = audit_db("audit-follow").await;
+    let db_url = url.clone();
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(move |c, _| {
+            c.audit.postgres_url = Some(Secret::new(db_url));
+            c.audit.postgres_migrate = true;
+        }),
+        ..Default::default()
+    })
+    .await;
+    // Before the followers start: a session they must not print (no --from, so no history).
+    drop(
+        env.pg_connect(Some(ALICE), &env.token(ALICE))
+            .await
+            .unwrap(),
+    );
+    env.wait_event(|e| e["kind"] == "session_ended").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spool = env.config.audit.spool_dir.display().to_string();
+    let (_pg_child, from_pg) = follow_process(&["--database-url", &url]);
+    let (_spool_child, from_spool) = follow_process(&["--spool", &spool]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // After: one session of bob's and one refusal.
+    let c = env.pg_connect(Some(BOB), &env.token(BOB)).await.unwrap();
+    let err = env.pg_connect(Some(ALICE), "garbage").await.err().unwrap();
+    assert_eq!(sqlstate(&err), "28000");
+    drop(c);
+    let ended = env
+        .wait_event(|e| e["kind"] == "session_ended" && e["db_user"] == "aad:bob@contoso.example")
+        .await;
+    for (name, seen) in [("postgres", &from_pg), ("spool", &from_spool)] {
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            got = seen.lock().unwrap().clone();
+            let has = |pred: &dyn Fn(&Value) -> bool| got.iter().any(pred);
+            if has(&|e| e["event_id"] == ended["event_id"]) && has(&|e| e["kind"] == "auth_failed")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            got.iter().any(|e| e["event_id"] == ended["event_id"]),
+            "{name}: bob's session_ended not followed: {got:#?}"
+        );
+        assert!(
+            got.iter().any(|e| e["kind"] == "auth_failed"),
+            "{name}: {got:#?}"
+        );
+        // Nothing from before the follower started, and no event twice.
+        assert!(
+            got.iter()
+                .all(|e| e["db_user"] != "aad:alice@contoso.example" || e["kind"] == "auth_failed"),
+            "{name}: history was printed: {got:#?}"
+        );
+        let mut ids: Vec<&str> = got
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap())
+            .collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "{name}: an event printed twice");
+    }
+}
