@@ -180,7 +180,9 @@ pub(crate) async fn run_webhooks(
                 }
                 Err(e) => tracing::warn!(error = %e.without_url(), attempt, "alert webhook failed"),
             }
-            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            if attempt + 1 < WEBHOOK_ATTEMPTS {
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
         }
         if !delivered {
             health

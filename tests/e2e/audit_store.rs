@@ -1344,3 +1344,67 @@ async fn audit_follow_streams_new_events_from_postgres_and_from_the_spool() {
         assert_eq!(ids.len(), n, "{name}: an event printed twice");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_webhooks_are_retried_and_a_dead_one_is_counted() {
+    // /flaky answers 503 twice, then 200; /dead always answers 503.
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = calls.clone();
+    let app = axum::Router::new().route(
+        "/{which}",
+        axum::routing::post(
+            move |axum::extract::Path(which): axum::extract::Path<String>,
+                  axum::Json(body): axum::Json<Value>| {
+                let log = log.clone();
+                async move {
+                    assert_eq!(body["kind"], "alert");
+                    let mut calls = log.lock().unwrap();
+                    calls.push(which.clone());
+                    let n = calls.iter().filter(|w| **w == which).count();
+                    if which == "flaky" && n >= 3 {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let rule = |name: &str, path: &str| AlertRule {
+        name: name.into(),
+        failed_logins: 2,
+        within: Duration::from_secs(600),
+        per: AlertPer::ClientAddr,
+        webhook_url: Some(format!("{base}/{path}")),
+    };
+    let rules = vec![rule("to-flaky", "flaky"), rule("to-dead", "dead")];
+    let env = Env::with(EnvOptions {
+        admin: true,
+        tweak: Box::new(move |c, _| c.audit.alerts = rules),
+        ..Default::default()
+    })
+    .await;
+    for token in ["bad-1", "bad-2"] {
+        assert!(env.pg_connect(Some(ALICE), token).await.is_err());
+    }
+    let mut errors = 0.0;
+    for _ in 0..100 {
+        errors = env
+            .metric("idgate_audit_errors_total{what=\"webhook\"}")
+            .await;
+        if errors >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Room for a wrong extra call.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(errors, 1.0, "only the dead webhook counts as failed");
+    let calls = calls.lock().unwrap().clone();
+    let count = |w: &str| calls.iter().filter(|c| *c == w).count();
+    assert_eq!((count("flaky"), count("dead")), (3, 3), "{calls:?}");
+    assert_eq!(env.metric("idgate_audit_alerts_fired_total").await, 2.0);
+}
