@@ -1,5 +1,7 @@
-//! Brute-force alerting: `[[audit.alerts]]` rules count `auth_failed` events per user or per
-//! client IP in a sliding window. Reaching the threshold emits one `alert` audit event, bumps a
+//! Brute-force alerting: `[[audit.alerts]]` rules count failed logins per user or per client IP
+//! in a sliding window: `auth_failed` events, and `backend_login_failed` events whose backend
+//! refused the person's credential (`28P01`, `28000`: e.g. a Redshift workgroup refusing the
+//! forwarded token). Reaching the threshold emits one `alert` audit event, bumps a
 //! counter and (optionally) POSTs the alert as JSON to a webhook; the same rule and key stay quiet
 //! for one window after firing. Webhooks run in their own task with a timeout and a few retries,
 //! so a slow receiver never delays a session.
@@ -44,7 +46,22 @@ struct KeyState {
     quiet_until: Option<Instant>,
 }
 
-/// Rule state (behind a mutex; observed only for `auth_failed`).
+/// Backend refusals that count as failed logins of the person.
+const FAILED_LOGIN_BACKEND_REASONS: [&str; 2] = ["backend_refused_28P01", "backend_refused_28000"];
+
+/// Whether `event` is a failed login that alert rules count.
+fn is_failed_login(event: &AuditEvent) -> bool {
+    match event.kind {
+        EventKind::AuthFailed => true,
+        EventKind::BackendLoginFailed => event
+            .reason
+            .as_deref()
+            .is_some_and(|r| FAILED_LOGIN_BACKEND_REASONS.contains(&r)),
+        _ => false,
+    }
+}
+
+/// Rule state (behind a mutex; observed only for failed logins).
 pub struct Alerter {
     rules: Vec<(AlertRule, Mutex<HashMap<String, KeyState>>)>,
 }
@@ -62,7 +79,7 @@ impl Alerter {
 
     /// Count `event`; returns the alert events (and webhook URLs) that fire now.
     pub fn observe(&self, event: &AuditEvent) -> Vec<(AuditEvent, Option<String>)> {
-        if event.kind != EventKind::AuthFailed || self.rules.is_empty() {
+        if self.rules.is_empty() || !is_failed_login(event) {
             return Vec::new();
         }
         let now = Instant::now();
@@ -190,5 +207,67 @@ pub(crate) async fn run_webhooks(
                 .webhook_failures
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{audit::SessionFacts, types::SessionId};
+
+    fn failure(kind: EventKind, reason: &str, user: &str) -> AuditEvent {
+        let facts = SessionFacts {
+            db_user: Some(user.into()),
+            ..SessionFacts::default()
+        };
+        let mut e = crate::audit::event(
+            kind,
+            SessionId::new(),
+            "127.0.0.1:5000".parse().ok(),
+            &facts,
+        );
+        e.reason = Some(reason.into());
+        e
+    }
+
+    #[test]
+    fn token_refusals_and_backend_credential_refusals_count_others_do_not() {
+        let alerter = Alerter::new(vec![AlertRule {
+            name: "r".into(),
+            failed_logins: 3,
+            within: Duration::from_secs(60),
+            per: AlertPer::User,
+            webhook_url: None,
+        }]);
+        let u = "aad:alice@x";
+        // Not failed logins of the person: the backend was down, the database does not exist.
+        for reason in ["backend_connect_failed", "backend_refused_3D000"] {
+            assert!(alerter
+                .observe(&failure(EventKind::BackendLoginFailed, reason, u))
+                .is_empty());
+        }
+        assert!(alerter
+            .observe(&failure(EventKind::AuthFailed, "expired", u))
+            .is_empty());
+        assert!(alerter
+            .observe(&failure(
+                EventKind::BackendLoginFailed,
+                "backend_refused_28P01",
+                u
+            ))
+            .is_empty());
+        let fired = alerter.observe(&failure(
+            EventKind::BackendLoginFailed,
+            "backend_refused_28000",
+            u,
+        ));
+        assert_eq!(fired.len(), 1);
+        let info = fired[0].0.alert.as_ref().unwrap();
+        assert_eq!((info.key.as_str(), info.failed_logins), (u, 3));
+        // Quiet for the window.
+        assert!(alerter
+            .observe(&failure(EventKind::AuthFailed, "expired", u))
+            .is_empty());
     }
 }
