@@ -95,18 +95,44 @@ async fn sessions_are_exported_as_spans_over_otlp() {
     );
     let all: Vec<u8> = bodies.lock().unwrap().concat();
     assert!(!all.is_empty(), "no OTLP export reached the receiver");
-    for span in [
-        "session",
+    // Decode the OTLP/HTTP protobuf bodies: the phases are children of the session span.
+    use prost::Message;
+    let spans: Vec<opentelemetry_proto::tonic::trace::v1::Span> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| {
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                &b[..],
+            )
+            .unwrap()
+            .resource_spans
+        })
+        .flat_map(|r| r.scope_spans)
+        .flat_map(|s| s.spans)
+        .collect();
+    let session = spans
+        .iter()
+        .find(|s| s.name == "session")
+        .unwrap_or_else(|| panic!("no session span in {:?}", names(&spans)));
+    for phase in [
         "handshake",
         "token_exchange",
         "authenticate",
         "backend_login",
         "relay",
     ] {
-        assert!(
-            all.windows(span.len()).any(|w| w == span.as_bytes()),
-            "span {span} not exported"
+        let span = spans
+            .iter()
+            .find(|s| s.name == phase)
+            .unwrap_or_else(|| panic!("span {phase} not exported: {:?}", names(&spans)));
+        assert_eq!(span.trace_id, session.trace_id, "{phase}: another trace");
+        assert_eq!(
+            span.parent_span_id, session.span_id,
+            "{phase} is not a child of the session span"
         );
+        assert!(span.start_time_unix_nano >= session.start_time_unix_nano);
+        assert!(span.end_time_unix_nano <= session.end_time_unix_nano);
     }
     assert!(
         all.windows(6).any(|w| w == b"idgate"),
@@ -221,4 +247,8 @@ async fn audit_events_reach_an_otlp_collector_and_survive_its_outage() {
         .contains("malformed_token"));
     let all = serde_json::to_string(&*recs).unwrap();
     assert!(!all.contains(&bad), "a token reached the collector");
+}
+
+fn names(spans: &[opentelemetry_proto::tonic::trace::v1::Span]) -> Vec<&str> {
+    spans.iter().map(|s| s.name.as_str()).collect()
 }
