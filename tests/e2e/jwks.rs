@@ -81,7 +81,29 @@ async fn logins_keep_working_while_the_idp_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_cold_logins_cause_one_fetch() {
-    let env = std::sync::Arc::new(Env::with(v2_only()).await);
+    // The IdP is down while the gateway starts, so its key prefetch fails and the cache stays
+    // cold until the first logins.
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(|c, env0| {
+            c.issuers[0].accept_versions = vec![TokenVersion::V2];
+            env0.idp.set_unavailable(true);
+        }),
+        ..EnvOptions::default()
+    })
+    .await;
+    for _ in 0..250 {
+        if env.idp.discovery_fetch_count() >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(env.idp.discovery_fetch_count() >= 1, "no prefetch attempt");
+    env.idp.set_unavailable(false);
+    // Past the floor between attempts on a cold source (refetch_floor = 1s in the test config).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(env.idp.jwks_fetch_count(), 0, "the cache is not cold");
+    let discovery_before = env.idp.discovery_fetch_count();
+    let env = std::sync::Arc::new(env);
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let env = env.clone();
@@ -104,5 +126,9 @@ async fn two_hundred_concurrent_cold_logins_cause_one_fetch() {
         1,
         "one JWKS fetch for 200 cold logins"
     );
-    assert_eq!(env.idp.discovery_fetch_count(), 1, "one discovery fetch");
+    assert_eq!(
+        env.idp.discovery_fetch_count(),
+        discovery_before + 1,
+        "one discovery fetch"
+    );
 }
