@@ -5,6 +5,23 @@ use std::{process::Stdio, time::Duration};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+/// Run a printed command line with bash (in `dir`), asserting whether it succeeds.
+async fn shell(line: &str, dir: Option<&std::path::Path>, succeeds: bool) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("bash");
+    cmd.args(["-c", line]);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let out = cmd.output().await.unwrap();
+    assert_eq!(
+        out.status.success(),
+        succeeds,
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -48,16 +65,7 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
     let psql_line = psql_line.expect("no line beginning with PGPASSWORD=");
     let work_dir = work_dir.expect("no config path printed");
     assert!(psql_line.contains("sslmode=verify-full"), "{psql_line}");
-    let out = tokio::process::Command::new("bash")
-        .args(["-c", &psql_line])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "printed psql line failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = shell(&psql_line, None, true).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("aad:alice@contoso.example") && stdout.contains("(2 rows)"),
@@ -69,16 +77,7 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
     match crate::harness::python() {
         Some(py) => {
             let line = rs_line.replace("python3 -c", &format!("{} -c", py.display()));
-            let out = tokio::process::Command::new("bash")
-                .args(["-c", &line])
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "printed redshift_connector line failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = shell(&line, None, true).await;
             let rows = String::from_utf8_lossy(&out.stdout);
             assert!(rows.contains("hello from behind idgate"), "{rows}");
         }
@@ -88,17 +87,7 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
     // The printed curl line gets a token for bob from the dev IdP's token endpoint; psql with
     // it logs in as bob, whom PostgreSQL itself refuses SELECT on demo.
     let bob_line = bob_line.expect("no curl line for bob");
-    let out = tokio::process::Command::new("bash")
-        .args(["-c", &bob_line])
-        .current_dir(&work_dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    shell(&bob_line, Some(&work_dir), true).await;
     let bob_token = work_dir.join("bob.token");
     let alice_token = psql_line
         .split("$(cat ")
@@ -109,12 +98,7 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
     let bob_psql = psql_line
         .replace(&alice_token, &bob_token.display().to_string())
         .replace("user=alice@", "user=bob@");
-    let out = tokio::process::Command::new("bash")
-        .args(["-c", &bob_psql])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
+    let out = shell(&bob_psql, None, false).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied"), "{stderr}");
 

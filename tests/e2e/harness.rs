@@ -562,6 +562,21 @@ pub fn metric_value(body: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The string fields `a` and `b` (missing: empty) of every event of `kind`.
+pub fn field_pairs(
+    events: &[serde_json::Value],
+    kind: &str,
+    a: &str,
+    b: &str,
+) -> Vec<(String, String)> {
+    let field = |e: &serde_json::Value, f: &str| e[f].as_str().unwrap_or_default().to_owned();
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .map(|e| (field(e, a), field(e, b)))
+        .collect()
+}
+
 /// The SQLSTATE of a tokio-postgres error.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.as_db_error()

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use idgate::devidp::TokenSpec;
 
-use crate::harness::{free_port, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB};
+use crate::harness::{
+    field_pairs, free_port, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB,
+};
 
 fn three_pools() -> EnvOptions {
     EnvOptions {
@@ -126,17 +128,7 @@ async fn each_routing_path_lands_in_the_expected_pool() {
     assert_eq!(sqlstate(&err), "3D000");
     // The audit trail records which rule chose.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let rules: Vec<(String, String)> = env
-        .audit_events()
-        .iter()
-        .filter(|e| e["kind"] == "session_routed")
-        .map(|e| {
-            (
-                e["route_rule"].as_str().unwrap().to_owned(),
-                e["pool"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let rules = field_pairs(&env.audit_events(), "session_routed", "route_rule", "pool");
     for want in [
         ("default", "wg0"),
         ("startup_option", "wg1"),
@@ -1152,16 +1144,7 @@ async fn targets_refusing_logins_with_57p01_or_57p03_are_skipped_transparently()
     }
     assert_eq!(env.wait_kind("session_routed", 6).await.len(), 6);
     let events = env.audit_events();
-    let skipped: Vec<(String, String)> = events
-        .iter()
-        .filter(|e| e["kind"] == "backend_attempt_failed")
-        .map(|e| {
-            (
-                e["reason"].as_str().unwrap().to_owned(),
-                e["detail"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
+    let skipped = field_pairs(&events, "backend_attempt_failed", "reason", "detail");
     for (reason, addr) in [
         ("backend_refused_57P01", terminating),
         ("backend_refused_57P03", starting),
