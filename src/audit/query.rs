@@ -2,6 +2,7 @@
 //! spool or file JSON lines (in memory), the output formats of `idgate audit query` (aligned
 //! table, JSON lines, CSV), a [`Tail`] for `follow` over files, and the `summary` counts.
 
+use std::borrow::Cow;
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
@@ -333,9 +334,34 @@ pub fn render(events: &[Value], format: OutputFormat) -> String {
     out
 }
 
+/// A value as it may reach a terminal: control characters (newlines, escape sequences) that a
+/// client put into its startup values are shown escaped (`\n`, `\u{1b}`), so no cell can forge a
+/// row or drive the terminal.
+fn printable(s: &str) -> Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        Cow::Owned(
+            s.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_debug().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
 fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
         }
@@ -354,11 +380,19 @@ fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
     }
 }
 
+/// An RFC 4180 field. Control characters are escaped as in the table, and a value a spreadsheet
+/// would run as a formula (`=`, `+`, `-`, `@` first) is prefixed with `'`.
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
+    let s = printable(s);
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        Cow::Owned(format!("'{s}"))
+    } else {
+        s
+    };
+    if s.contains([',', '"']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_owned()
+        s.into_owned()
     }
 }
 
@@ -468,6 +502,36 @@ impl std::fmt::Display for Summary {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn client_values_cannot_forge_rows_or_drive_the_terminal() {
+        let forged = "mallory\n2026-12-04T09:00:00.000Z  auth_succeeded  success  aad:ceo\u{1b}[8m";
+        let events = vec![
+            json!({"time":"2025-01-01T11:00:00.000Z","kind":"auth_failed","outcome":"failure","client_user":forged,"session_id":"s9"}),
+            json!({"time":"2025-01-01T11:00:01.000Z","kind":"auth_failed","outcome":"failure","client_user":"=HYPERLINK(\"x\")","session_id":"s10"}),
+        ];
+        let table = render(&events, OutputFormat::Table);
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(!table.contains('\u{1b}'));
+        assert!(
+            table.contains("mallory\\n2026") && table.contains("\\u{1b}[8m"),
+            "{table}"
+        );
+        let csv = render(&events, OutputFormat::Csv);
+        assert_eq!(csv.lines().count(), 3, "{csv}");
+        assert!(!csv.contains('\u{1b}'));
+        assert!(csv.contains("\"'=HYPERLINK(\"\"x\"\")\""), "{csv}");
+        let summary = summarize(&events).to_string();
+        assert!(!summary.contains('\u{1b}'), "{summary}");
+        assert!(
+            !summary.lines().any(|l| l.starts_with("2026-12-04")),
+            "{summary}"
+        );
+        // JSON lines stay exact (they are escaped by JSON itself).
+        let json = render(&events, OutputFormat::Json);
+        let back: Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+        assert_eq!(back["client_user"], forged);
+    }
 
     fn events() -> Vec<Value> {
         vec![
