@@ -77,7 +77,7 @@ pub struct QueryArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-    /// At most this many events (query).
+    /// At most this many events (query): the newest, with a note on stderr when more match.
     #[arg(long, default_value_t = 10_000)]
     limit: usize,
 }
@@ -139,46 +139,46 @@ impl QueryArgs {
     }
 }
 
-/// Load every matching event (up to `limit`).
+/// The matching events, oldest first; past `limit` matches, only the newest `limit` and how
+/// many matched in all.
 async fn load(
     source: &Source,
     filter: &Filter,
     limit: usize,
-) -> anyhow::Result<Vec<serde_json::Value>> {
+) -> anyhow::Result<(Vec<serde_json::Value>, usize)> {
+    let mut kept = std::collections::VecDeque::new();
+    let mut matched = 0usize;
+    let mut keep = |e: serde_json::Value| {
+        matched += 1;
+        kept.push_back(e);
+        if kept.len() > limit {
+            kept.pop_front();
+        }
+    };
     match source {
         Source::Path(p) => {
-            let mut events: Vec<_> = query::read_path(p)
+            query::read_path(p)
                 .with_context(|| format!("cannot read {}", p.display()))?
                 .into_iter()
                 .filter(|e| filter.matches(e))
-                .collect();
-            events.truncate(limit);
-            Ok(events)
+                .for_each(&mut keep);
         }
         Source::Db(client) => {
             let (sql, params) = filter.sql();
-            let mut out = Vec::new();
             let mut after = 0i64;
-            while out.len() < limit {
-                let page = pg::fetch(
-                    client,
-                    &sql,
-                    &params,
-                    after,
-                    i64::try_from(limit - out.len()).unwrap_or(PAGE).min(PAGE),
-                )
-                .await?;
+            loop {
+                let page = pg::fetch(client, &sql, &params, after, PAGE).await?;
                 let Some((last, _)) = page.last() else { break };
                 after = *last;
                 let n = page.len();
-                out.extend(page.into_iter().map(|(_, e)| e));
+                page.into_iter().for_each(|(_, e)| keep(e));
                 if (n as i64) < PAGE {
                     break;
                 }
             }
-            Ok(out)
         }
     }
+    Ok((kept.into(), matched))
 }
 
 pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
@@ -196,14 +196,20 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Query(args) => {
             let filter = args.filter()?;
             let source = args.source().await?;
-            let events = load(&source, &filter, args.limit).await?;
+            let (events, matched) = load(&source, &filter, args.limit).await?;
+            if matched > events.len() {
+                eprintln!(
+                    "idgate: {matched} events match; showing the newest {} (narrow the filters or raise --limit)",
+                    events.len()
+                );
+            }
             print!("{}", query::render(&events, args.format.into()));
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Summary(args) => {
             let filter = args.filter()?;
             let source = args.source().await?;
-            let events = load(&source, &filter, usize::MAX).await?;
+            let (events, _) = load(&source, &filter, usize::MAX).await?;
             let summary = query::summarize(&events);
             match args.format {
                 Format::Json | Format::Ocsf => {

@@ -726,6 +726,44 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
         vec!["--spool", spool_s],
         vec!["--database-url", url.as_str()],
     ];
+    // --limit keeps the newest matches and says so on stderr.
+    for source in &sources {
+        let all: Vec<String> = cli(
+            &[&["audit", "query", "--format", "json"][..], source].concat(),
+            &[],
+        )
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+        assert_eq!(all.len(), 6, "{source:?}");
+        let out = Command::new(env!("CARGO_BIN_EXE_idgate"))
+            .args(["audit", "query", "--format", "json", "--limit", "2"])
+            .args(source)
+            .env_remove("IDGATE_AUDIT_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let newest: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["event_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(newest, all[4..], "{source:?}");
+        let note = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            note.contains("6 events match; showing the newest 2"),
+            "{note}"
+        );
+    }
     for (filter, want) in &cases {
         let want: BTreeSet<String> = want
             .iter()
