@@ -1007,11 +1007,42 @@ impl Config {
         base: &Path,
         env: &HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
-        let overrides: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("IDGATE__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // `IDGATE__LISTENER__MAX_CONNECTIONS` → `listener.max_connections`. Entries of arrays of
+        // tables (`[[pools]]`, `[[issuers]]` …) cannot be addressed this way: say so instead of
+        // letting the merge fail with a type error.
+        let mut env_issues = Vec::new();
+        let mut from_env: Vec<(String, String)> = Vec::new();
+        let mut overrides = config::Map::new();
+        for (k, v) in env.iter().filter(|(k, _)| k.starts_with("IDGATE__")) {
+            let path = k["IDGATE__".len()..].to_lowercase().replace("__", ".");
+            if path
+                .split('.')
+                .any(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            {
+                env_issues.push(ConfigIssue {
+                    path: bracket_indices(&path),
+                    message: format!(
+                        "set by the environment variable {k}, but entries of an array of tables cannot be overridden from the environment; change the file instead"
+                    ),
+                });
+                continue;
+            }
+            from_env.push((path, k.clone()));
+            overrides.insert(k.clone(), v.clone());
+        }
+        if !env_issues.is_empty() {
+            return Err(ConfigError {
+                source_name: name.to_owned(),
+                issues: env_issues,
+            });
+        }
+        let env_note = |path: &str, message: String| match from_env.iter().find(|(p, _)| p == path)
+        {
+            Some((_, var)) => {
+                format!("{message} (the value comes from the environment variable {var})")
+            }
+            None => message,
+        };
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(
@@ -1036,7 +1067,8 @@ impl Config {
                 Ok(raw) => raw,
                 Err(e) => {
                     let path = bracket_indices(&e.path().to_string());
-                    return Err(single(name, &path, e.into_inner().to_string()));
+                    let message = env_note(&path, e.into_inner().to_string());
+                    return Err(single(name, &path, message));
                 }
             }
         };
@@ -1059,7 +1091,14 @@ impl Config {
         }
         Err(ConfigError {
             source_name: name.to_owned(),
-            issues: v.issues,
+            issues: v
+                .issues
+                .into_iter()
+                .map(|i| ConfigIssue {
+                    message: env_note(&i.path, i.message),
+                    path: i.path,
+                })
+                .collect(),
         })
     }
 }
@@ -1119,6 +1158,23 @@ impl Validator<'_> {
                 Duration::ZERO
             }
         }
+    }
+
+    /// A duration no longer than `max` (and, with `positive`, greater than zero): the bounds the
+    /// token validator enforces, reported here with their path like every other problem.
+    fn at_most(&mut self, path: &str, value: &str, max: Duration, positive: bool) -> Duration {
+        let d = if positive {
+            self.positive_duration(path, value)
+        } else {
+            self.duration(path, value)
+        };
+        if d > max {
+            self.issue(
+                path,
+                format!("must be at most {}", humantime::format_duration(max)),
+            );
+        }
+        d
     }
 
     /// A duration that must be greater than zero (a zero timeout would refuse everything).
@@ -1654,12 +1710,36 @@ impl Validator<'_> {
             audiences: raw.audiences,
             required_scopes: raw.required_scopes,
             required_app_roles: raw.required_app_roles,
-            leeway: self.duration(&format!("{p}.leeway"), &raw.leeway),
-            jwks_refetch_floor: self
-                .duration(&format!("{p}.jwks_refetch_floor"), &raw.jwks_refetch_floor),
-            jwks_refresh: self.duration(&format!("{p}.jwks_refresh"), &raw.jwks_refresh),
-            jwks_max_stale: self.duration(&format!("{p}.jwks_max_stale"), &raw.jwks_max_stale),
-            http_timeout: self.duration(&format!("{p}.http_timeout"), &raw.http_timeout),
+            leeway: self.at_most(
+                &format!("{p}.leeway"),
+                &raw.leeway,
+                crate::auth::MAX_LEEWAY,
+                false,
+            ),
+            jwks_refetch_floor: self.at_most(
+                &format!("{p}.jwks_refetch_floor"),
+                &raw.jwks_refetch_floor,
+                crate::auth::MAX_REFETCH_FLOOR,
+                false,
+            ),
+            jwks_refresh: self.at_most(
+                &format!("{p}.jwks_refresh"),
+                &raw.jwks_refresh,
+                crate::auth::MAX_REFRESH,
+                false,
+            ),
+            jwks_max_stale: self.at_most(
+                &format!("{p}.jwks_max_stale"),
+                &raw.jwks_max_stale,
+                crate::auth::MAX_STALE,
+                true,
+            ),
+            http_timeout: self.at_most(
+                &format!("{p}.http_timeout"),
+                &raw.http_timeout,
+                crate::auth::MAX_HTTP_TIMEOUT,
+                true,
+            ),
             allow_http: raw.allow_http,
         })
     }
@@ -2101,6 +2181,36 @@ targets = [{ addr = "127.0.0.1:5432" }]
     }
 
     #[test]
+    fn env_override_problems_name_the_variable() {
+        let env = HashMap::from([(
+            "IDGATE__LISTENER__MAX_CONNECTIONS".to_owned(),
+            "abc".to_owned(),
+        )]);
+        let err = Config::from_toml(MINIMAL, "t", Path::new("."), &env).unwrap_err();
+        assert_eq!(err.issues[0].path, "listener.max_connections");
+        assert!(
+            err.issues[0]
+                .message
+                .contains("environment variable IDGATE__LISTENER__MAX_CONNECTIONS"),
+            "{err}"
+        );
+        let env = HashMap::from([(
+            "IDGATE__LISTENER__MAX_CONNECTIONS".to_owned(),
+            "0".to_owned(),
+        )]);
+        let err = Config::from_toml(MINIMAL, "t", Path::new("."), &env).unwrap_err();
+        assert!(err
+            .issues
+            .iter()
+            .any(|i| i.path == "listener.max_connections"
+                && i.message.contains("IDGATE__LISTENER__MAX_CONNECTIONS")));
+        let env = HashMap::from([("IDGATE__ISSUERS__0__LEEWAY".to_owned(), "5s".to_owned())]);
+        let err = Config::from_toml(MINIMAL, "t", Path::new("."), &env).unwrap_err();
+        assert_eq!(err.issues[0].path, "issuers[0].leeway");
+        assert!(err.issues[0].message.contains("array of tables"), "{err}");
+    }
+
+    #[test]
     fn env_overrides_apply() {
         let env = HashMap::from([(
             "IDGATE__LISTENER__HANDSHAKE_TIMEOUT".to_owned(),
@@ -2233,6 +2343,32 @@ targets = [{ addr = "no-port" }]
             "pools[0].targets[0].addr",
         ] {
             assert!(paths.contains(&want), "missing {want} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn issuer_timing_bounds_are_reported_at_load_with_their_paths() {
+        let bad = MINIMAL.replace(
+            "audiences = [\"api://idgate\"]",
+            "audiences = [\"api://idgate\"]\nleeway = \"100years\"\nhttp_timeout = \"0s\"\n\
+             jwks_max_stale = \"0s\"\njwks_refresh = \"30d\"",
+        );
+        let err = Config::from_toml(&bad, "t", Path::new("."), &HashMap::new()).unwrap_err();
+        let issues: Vec<(&str, &str)> = err
+            .issues
+            .iter()
+            .map(|i| (i.path.as_str(), i.message.as_str()))
+            .collect();
+        for (path, says) in [
+            ("issuers[0].leeway", "at most 1h"),
+            ("issuers[0].http_timeout", "greater than zero"),
+            ("issuers[0].jwks_max_stale", "greater than zero"),
+            ("issuers[0].jwks_refresh", "at most 7days"),
+        ] {
+            assert!(
+                issues.iter().any(|(p, m)| *p == path && m.contains(says)),
+                "{path}: {says} missing in {issues:?}"
+            );
         }
     }
 }

@@ -39,21 +39,41 @@ pub const OVER_CAP_HANDSHAKES: usize = 32;
 /// Why the gateway could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    // The causes are part of each message and deliberately not `source`s: printing the error
+    // chain (`{:#}`) would say everything twice.
     /// The client TLS certificate or key is unusable.
     #[error("listener TLS: {0}")]
-    Tls(#[from] tls::TlsSetupError),
+    Tls(tls::TlsSetupError),
     /// The token validator could not be built.
     #[error("issuers: {0}")]
-    Auth(#[from] crate::auth::AuthSetupError),
+    Auth(crate::auth::AuthSetupError),
     /// The audit spool or store could not be opened.
     #[error(transparent)]
     Audit(#[from] AuditStartError),
     /// The new configuration is invalid (reload).
     #[error("{0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
     /// No configuration loader was given (reload).
     #[error("reload is not available: the gateway was started without a configuration file")]
     NoLoader,
+}
+
+impl From<tls::TlsSetupError> for RunError {
+    fn from(e: tls::TlsSetupError) -> Self {
+        RunError::Tls(e)
+    }
+}
+
+impl From<crate::auth::AuthSetupError> for RunError {
+    fn from(e: crate::auth::AuthSetupError) -> Self {
+        RunError::Auth(e)
+    }
+}
+
+impl From<ConfigError> for RunError {
+    fn from(e: ConfigError) -> Self {
+        RunError::Config(e)
+    }
 }
 
 /// Re-reads the configuration (the binary's closure reads the file and the environment).

@@ -44,22 +44,22 @@ pub const TOKEN_CACHE_MAX_AGE: Duration = Duration::from_secs(600);
 const TOKEN_CACHE_CAPACITY: u64 = 100_000;
 
 /// Largest leeway accepted; more would make `exp` meaningless.
-const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_LEEWAY: Duration = Duration::from_secs(3600);
 
 /// Shortest background refresh interval.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 
 /// Longest accepted `jwks_refresh`.
-const MAX_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const MAX_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Longest accepted `jwks_max_stale`.
-const MAX_STALE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const MAX_STALE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Longest accepted `jwks_refetch_floor`.
-const MAX_REFETCH_FLOOR: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_REFETCH_FLOOR: Duration = Duration::from_secs(24 * 3600);
 
 /// Longest accepted `http_timeout`.
-const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Entra access-token version (`ver` claim), which also selects the metadata document.
 ///
