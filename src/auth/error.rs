@@ -283,7 +283,7 @@ impl TokenError {
                 Cow::Borrowed("authentication failed: the access token is larger than 64 KiB")
             }
             TokenError::Malformed { .. } => Cow::Borrowed(
-                "authentication failed: the password is not an access token; send a Microsoft Entra ID access token issued for this gateway",
+                "authentication failed: what was sent is not an access token; send a Microsoft Entra ID access token issued for this gateway (as the password, or through the Redshift driver's identity provider plugin)",
             ),
             TokenError::Jwe
             | TokenError::AlgNotAllowed { .. }

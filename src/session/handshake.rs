@@ -154,7 +154,9 @@ impl UserFacing for HandshakeError {
             HandshakeError::TlsRequired => {
                 "idgate requires TLS: connect with sslmode=require (or verify-full); tokens are never accepted in clear".into()
             }
-            HandshakeError::Startup(StartupError::TooLong(_)) => "startup packet too large".into(),
+            HandshakeError::Startup(StartupError::TooLong(_) | StartupError::TooShort(_)) => {
+                "invalid startup packet length: this port speaks the PostgreSQL protocol; connect with a PostgreSQL or Redshift driver".into()
+            }
             HandshakeError::Startup(StartupError::UnsupportedProtocol { major, minor }) => {
                 format!("unsupported frontend protocol {major}.{minor}: idgate speaks protocol 3.0").into()
             }
@@ -178,9 +180,10 @@ impl UserFacing for HandshakeError {
             HandshakeError::StartupTimeout => {
                 "timed out waiting for the startup packet; check that the client speaks the PostgreSQL protocol".into()
             }
-            HandshakeError::Disconnected(_) | HandshakeError::Tls(_) | HandshakeError::Frame(_) => {
-                "protocol violation".into()
+            HandshakeError::Frame(_) => {
+                "protocol violation: a message during login had an invalid length; connect with a PostgreSQL or Redshift driver".into()
             }
+            HandshakeError::Disconnected(_) | HandshakeError::Tls(_) => "protocol violation".into(),
         }
     }
 }

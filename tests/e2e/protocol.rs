@@ -238,11 +238,17 @@ async fn oversized_and_truncated_startup_packets() {
     tcp.write_all(&196_608u32.to_be_bytes()).await.unwrap();
     let (tag, body) = read_msg(&mut tcp).await.unwrap();
     assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
-    // Below the minimum.
-    let mut tcp = TcpStream::connect(env.addr).await.unwrap();
-    tcp.write_all(&[0, 0, 0, 2]).await.unwrap();
-    let (tag, body) = read_msg(&mut tcp).await.unwrap();
-    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+    // Below the minimum, and an HTTP request (its first four bytes read as a huge length): the
+    // client is told what this port speaks.
+    for first in [&b"\0\0\0\x02"[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] {
+        let mut tcp = TcpStream::connect(env.addr).await.unwrap();
+        tcp.write_all(first).await.unwrap();
+        let (tag, body) = read_msg(&mut tcp).await.unwrap();
+        assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_owned()));
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("speaks the PostgreSQL protocol"), "{text}");
+        assert!(!text.contains("length -"), "no negative length: {text}");
+    }
     // Truncated, then silence: closed by the handshake timeout.
     let started = Instant::now();
     let mut tcp = TcpStream::connect(env.addr).await.unwrap();
