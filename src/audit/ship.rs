@@ -96,12 +96,13 @@ impl Sink {
                 let bytes = render(events, *format);
                 if file.is_none() {
                     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        tokio::fs::create_dir_all(dir).await?;
+                        super::spool::create_private_dir(dir)?;
                     }
                     *file = Some(
                         tokio::fs::OpenOptions::new()
                             .create(true)
                             .append(true)
+                            .mode(super::spool::FILE_MODE)
                             .open(&path)
                             .await?,
                     );

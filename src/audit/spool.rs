@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::{atomic::Ordering, mpsc, Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -107,6 +107,20 @@ pub struct WriterSettings {
     pub max_files: usize,
 }
 
+/// Mode of audit files: who connected from where is for the operator and the SIEM agent's group,
+/// not for every local user.
+pub const FILE_MODE: u32 = 0o640;
+/// Mode of the directories idgate creates for audit data.
+pub const DIR_MODE: u32 = 0o750;
+
+/// `create_dir_all` with [`DIR_MODE`] for the directories it creates.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
 /// The name of the lock file a writer holds in its spool directory.
 pub const LOCK_FILE: &str = ".lock";
 
@@ -127,11 +141,12 @@ impl SpoolWriter {
     /// Create or recover the spool in `dir`; returns the writer and the durable position. An
     /// error of kind [`io::ErrorKind::WouldBlock`] means another writer holds the spool.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<(SpoolWriter, SpoolPos)> {
-        fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(dir.join(LOCK_FILE))?;
         lock.try_lock().map_err(|e| match e {
             fs::TryLockError::WouldBlock => io::Error::new(
@@ -173,13 +188,14 @@ impl SpoolWriter {
             self.file = None;
             self.seq += 1;
         }
-        fs::create_dir_all(&self.dir)?;
+        create_private_dir(&self.dir)?;
         if let Some((last, _)) = list_segments(&self.dir)?.last() {
             self.seq = self.seq.max(last + 1);
         }
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
+            .mode(FILE_MODE)
             .open(self.path(self.seq))?;
         let ino = file.metadata()?.ino();
         // The new directory entry must survive a crash too.
@@ -471,9 +487,14 @@ pub fn load_cursor(dir: &Path, sink: &str) -> SpoolPos {
 pub fn save_cursor(dir: &Path, sink: &str, pos: SpoolPos) -> io::Result<()> {
     let path = cursor_path(dir, sink);
     let parent = dir.join("cursors");
-    fs::create_dir_all(&parent)?;
+    create_private_dir(&parent)?;
     let tmp = parent.join(format!(".{sink}.tmp"));
-    let mut f = File::create(&tmp)?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(&tmp)?;
     f.write_all(&serde_json::to_vec(&pos).map_err(io::Error::other)?)?;
     f.sync_all()?;
     fs::rename(&tmp, &path)?;
@@ -483,6 +504,26 @@ pub fn save_cursor(dir: &Path, sink: &str, pos: SpoolPos) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_files_and_directories_are_not_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spool");
+        let (mut w, _) = SpoolWriter::open(&dir, 4096).unwrap();
+        let pos = w.write_batch(b"{}\n").unwrap();
+        save_cursor(&dir, "file", pos).unwrap();
+        // At most these modes (a stricter umask may take more away), and nothing for others.
+        let at_most = |p: &Path, max: u32| {
+            let mode = fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & !max, 0, "{}: {mode:o}", p.display());
+            assert_eq!(mode & 0o600, 0o600, "{}: {mode:o}", p.display());
+        };
+        at_most(&dir, DIR_MODE);
+        at_most(&dir.join(segment_name(pos.seq)), FILE_MODE);
+        at_most(&dir.join(LOCK_FILE), FILE_MODE);
+        at_most(&cursor_path(&dir, "file"), FILE_MODE);
+    }
 
     #[test]
     fn one_writer_per_spool_directory() {

@@ -47,6 +47,11 @@ async fn exactly_one_session_ended_per_accepted_connection() {
     let events = env.audit_events();
     let (accepted, ended) = accepted_and_ended(&events);
     assert_eq!(accepted.len(), 6, "{events:#?}");
+    // The file sink is readable by its owner and group only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&env.audit_path).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o137, 0, "{mode:o}");
     assert_eq!(
         accepted, ended,
         "every accepted connection ends exactly once"
