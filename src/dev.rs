@@ -349,10 +349,19 @@ file_path = "audit.jsonl"
         port = args.port
     );
     println!();
+    let bob_token = dir.join("bob.token");
+    println!("bob is not granted SELECT on demo; a token for him from the dev IdP's token endpoint, then psql as bob:");
     println!(
-        "a token for bob (not granted SELECT on demo): curl -s -d grant_type=password -d client_id=cli -d username=bob@contoso.example -d password=dev -d scope=api://idgate/jdbc_login {}/{}/oauth2/v2.0/token | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])' > bob.token",
+        "curl -s -d grant_type=password -d client_id=cli -d username=bob@contoso.example -d password=dev -d scope=api://idgate/jdbc_login {}/{}/oauth2/v2.0/token | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])' > {bob}",
         idp.authority(),
-        DEV_TENANT
+        DEV_TENANT,
+        bob = bob_token.display(),
+    );
+    println!(
+        "PGPASSWORD=\"$(cat {bob})\" PGSSLROOTCERT={ca} psql \"host=localhost port={port} dbname=dev user=bob@contoso.example sslmode=verify-full\" -c 'SELECT current_user, * FROM demo'",
+        bob = bob_token.display(),
+        ca = ca_path.display(),
+        port = args.port
     );
 
     let options = idgate::RunOptions {

@@ -40,6 +40,7 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
     let mut psql_line = None;
     let mut rs_line = None;
     let mut bob_line = None;
+    let mut bob_psql = None;
     let mut work_dir = None;
     let read = async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -49,13 +50,15 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
                     .nth(1)
                     .map(|p| std::path::PathBuf::from(p).parent().unwrap().to_owned());
             }
-            if line.starts_with("PGPASSWORD=") {
+            if line.starts_with("PGPASSWORD=") && line.contains("user=bob@") {
+                bob_psql = Some(line);
+                break;
+            } else if line.starts_with("PGPASSWORD=") {
                 psql_line = Some(line);
             } else if line.starts_with("SSL_CERT_FILE=") {
                 rs_line = Some(line);
-            } else if let Some((_, cmd)) = line.split_once("a token for bob") {
-                bob_line = cmd.split_once(": ").map(|(_, c)| c.to_owned());
-                break;
+            } else if line.starts_with("curl ") {
+                bob_line = Some(line);
             }
         }
     };
@@ -84,20 +87,10 @@ async fn dev_prints_a_psql_line_that_returns_rows_and_cleans_up_on_ctrl_c() {
         None => crate::harness::missing_tool("python venv with redshift_connector"),
     }
 
-    // The printed curl line gets a token for bob from the dev IdP's token endpoint; psql with
-    // it logs in as bob, whom PostgreSQL itself refuses SELECT on demo.
-    let bob_line = bob_line.expect("no curl line for bob");
-    shell(&bob_line, Some(&work_dir), true).await;
-    let bob_token = work_dir.join("bob.token");
-    let alice_token = psql_line
-        .split("$(cat ")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .unwrap()
-        .to_owned();
-    let bob_psql = psql_line
-        .replace(&alice_token, &bob_token.display().to_string())
-        .replace("user=alice@", "user=bob@");
+    // The printed curl line gets a token for bob from the dev IdP's token endpoint; the printed
+    // psql line for bob logs in as him, whom PostgreSQL itself refuses SELECT on demo.
+    shell(&bob_line.expect("no curl line for bob"), None, true).await;
+    let bob_psql = bob_psql.expect("no psql line for bob");
     let out = shell(&bob_psql, None, false).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("permission denied"), "{stderr}");
