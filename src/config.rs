@@ -965,6 +965,14 @@ impl Config {
     /// identity or whose backend login is weakly protected. Logged as warnings by [`crate::run`].
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        for issuer in &self.issuers {
+            if issuer.required_scopes.is_empty() && issuer.required_app_roles.is_empty() {
+                out.push(format!(
+                    "issuer {:?}: no required_scopes and no required_app_roles; any access token issued for this gateway's audience is accepted, whatever its scope or app role (set required_scopes = [\"jdbc_login\"] or required_app_roles)",
+                    issuer.name
+                ));
+            }
+        }
         for pool in &self.pools {
             let name = &pool.name;
             match &pool.backend_auth {
@@ -2149,6 +2157,7 @@ allow_plaintext = true
 authority = "http://127.0.0.1:1"
 tenants = ["00000000-0000-4000-8000-00000000c0de"]
 audiences = ["api://idgate"]
+required_scopes = ["jdbc_login"]
 
 [identity.groups]
 "0B6A9A3E-6F4A-4C1E-9A7E-0C5D1F7E2A11" = "analysts"
@@ -2178,6 +2187,20 @@ targets = [{ addr = "127.0.0.1:5432" }]
             Some("analysts")
         );
         assert_eq!(c.pools[0].targets[0].port, 5432);
+    }
+
+    #[test]
+    fn an_issuer_that_requires_no_scope_or_app_role_is_warned_about() {
+        let c = Config::from_toml(MINIMAL, "t", Path::new("."), &HashMap::new()).unwrap();
+        let open_warning = |c: &Config| {
+            c.warnings()
+                .iter()
+                .any(|w| w.contains("no required_scopes"))
+        };
+        assert!(!open_warning(&c));
+        let open = MINIMAL.replace("required_scopes = [\"jdbc_login\"]\n", "");
+        let c = Config::from_toml(&open, "t", Path::new("."), &HashMap::new()).unwrap();
+        assert!(open_warning(&c), "{:?}", c.warnings());
     }
 
     #[test]

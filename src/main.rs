@@ -150,6 +150,10 @@ fn check_config(file: PathBuf) -> anyhow::Result<ExitCode> {
                 config.pools.len(),
                 config.listener.addr
             );
+            // The same warnings `serve` logs at start.
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

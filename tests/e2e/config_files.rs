@@ -307,3 +307,53 @@ fn dev_certs_never_overwrites_another_ca() {
     assert!(forced.status.success());
     assert_ne!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca);
 }
+
+#[test]
+fn check_config_prints_the_start_warnings_and_refuses_what_serve_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = r#"
+[listener]
+addr = "127.0.0.1:0"
+allow_plaintext = true
+
+[[issuers]]
+authority = "http://127.0.0.1:1"
+tenants = ["00000000-0000-4000-8000-00000000c0de"]
+audiences = ["api://idgate"]
+{issuer_extra}
+
+[[pools]]
+name = "main"
+targets = [{ addr = "127.0.0.1:5432" }]
+"#;
+    let file = dir.path().join("c.toml");
+    // Valid, with two things serve warns about: trust and no required scope or app role.
+    std::fs::write(&file, base.replace("{issuer_extra}", "")).unwrap();
+    let out = idgate().arg("check-config").arg(&file).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: issuer") && stderr.contains("no required_scopes"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("backend_auth = \"trust\""), "{stderr}");
+    // Settings the token validator refuses fail check-config too, each with its path.
+    std::fs::write(
+        &file,
+        base.replace(
+            "{issuer_extra}",
+            "leeway = \"100years\"\nhttp_timeout = \"0s\"\njwks_max_stale = \"0s\"",
+        ),
+    )
+    .unwrap();
+    let out = idgate().arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "issuers[0].leeway",
+        "issuers[0].http_timeout",
+        "issuers[0].jwks_max_stale",
+    ] {
+        assert!(stderr.contains(path), "{path} missing:\n{stderr}");
+    }
+}
