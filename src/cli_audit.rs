@@ -13,6 +13,8 @@ use idgate::audit::{
 
 /// Rows fetched per query round trip.
 const PAGE: i64 = 5000;
+/// How far back (in `seq`) `audit follow` looks for rows that committed late.
+const FOLLOW_OVERLAP: i64 = 1000;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
@@ -272,13 +274,28 @@ async fn follow(args: Box<QueryArgs>) -> anyhow::Result<ExitCode> {
                     .await?
                     .get(0)
             };
+            // Several gateways insert concurrently, so a row can become visible after rows with
+            // a higher `seq`. Each poll re-reads the last FOLLOW_OVERLAP sequence numbers and
+            // prints only rows not printed yet (those visible at the start count as printed).
+            let mut printed: std::collections::BTreeSet<i64> = std::collections::BTreeSet::new();
+            if !history {
+                let floor = (after - FOLLOW_OVERLAP).max(0);
+                let seen = pg::fetch(&client, &sql, &params, floor, FOLLOW_OVERLAP).await?;
+                printed.extend(seen.iter().map(|(seq, _)| *seq));
+            }
             let mut header = true;
             loop {
-                let page = pg::fetch(&client, &sql, &params, after, PAGE).await?;
-                if let Some((last, _)) = page.last() {
-                    after = *last;
+                let from = (after - FOLLOW_OVERLAP).max(0);
+                let page = pg::fetch(&client, &sql, &params, from, PAGE).await?;
+                let mut events = Vec::new();
+                for (seq, e) in page {
+                    if printed.insert(seq) {
+                        after = after.max(seq);
+                        events.push(e);
+                    }
                 }
-                let events: Vec<_> = page.into_iter().map(|(_, e)| e).collect();
+                let keep_from = after - FOLLOW_OVERLAP;
+                printed = printed.split_off(&keep_from);
                 print(&events, header);
                 header = false;
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1446,3 +1446,67 @@ async fn alert_webhooks_are_retried_and_a_dead_one_is_counted() {
     assert_eq!((count("flaky"), count("dead")), (3, 3), "{calls:?}");
     assert_eq!(env.metric("idgate_audit_alerts_fired_total").await, 2.0);
 }
+
+/// A connection to the audit database (`url` from [`audit_db`]).
+async fn audit_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Insert a minimal `auth_failed` event with id `n` (not committed until the caller commits
+/// when it is inside a transaction).
+async fn insert_event(client: &tokio_postgres::Client, n: u32) {
+    let id = format!("00000000-0000-4000-8000-{n:012}");
+    let event = json!({"event_id": id, "time": "2026-01-01T00:00:00.000Z", "kind": "auth_failed",
+        "outcome": "failure", "session_id": id});
+    client
+        .execute(
+            "INSERT INTO audit_events (event_id, time, kind, outcome, session_id, event) \
+             VALUES ($1::text::uuid, now(), 'auth_failed', 'failure', $1::text::uuid, $2::text::jsonb)",
+            &[&id, &event.to_string()],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_follow_prints_a_row_that_commits_after_rows_with_a_higher_seq() {
+    let (_db, url) = audit_db("audit-follow-late").await;
+    cli(&["audit", "migrate", "--database-url", &url], &[]);
+    let writer_a = audit_client(&url).await;
+    let writer_b = audit_client(&url).await;
+    insert_event(&writer_b, 1).await; // visible at the start: never printed
+    let (_child, seen) = follow_process(&["--database-url", &url]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Gateway A takes seq n and commits late; gateway B takes n+1 and commits at once.
+    writer_a.batch_execute("BEGIN").await.unwrap();
+    insert_event(&writer_a, 2).await;
+    insert_event(&writer_b, 3).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    writer_a.batch_execute("COMMIT").await.unwrap();
+    let ids = || -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for _ in 0..50 {
+        if ids().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        ids(),
+        [
+            "00000000-0000-4000-8000-000000000003",
+            "00000000-0000-4000-8000-000000000002"
+        ],
+        "each event once, the late commit included, nothing from before the start"
+    );
+}
