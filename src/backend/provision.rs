@@ -11,12 +11,12 @@
 //! - A missing login role is created `LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION
 //!   NOBYPASSRLS`; a missing namespace role is created the same way but `NOLOGIN` (Redshift
 //!   creates them too), so the membership exists as soon as a DBA grants the role privileges.
-//! - Membership of a namespace role is never granted when the role can log in (another person)
-//!   or when it, or any role it belongs to (directly or through other roles), is a superuser or
-//!   has CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS, or is one of PostgreSQL's predefined
-//!   `pg_*` roles (`pg_read_server_files`, `pg_execute_server_program`, …): a DBA-made
-//!   `aad:x` cannot become a path to privileges outside the namespace. Such roles are reported
-//!   as `refused`.
+//! - Membership of a namespace role is never granted (and is revoked if held) when it, or any
+//!   role it belongs to (directly or through other roles), can log in (another person, a service
+//!   account), is a superuser, has CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS, or is one of
+//!   PostgreSQL's predefined `pg_*` roles (`pg_read_server_files`, `pg_execute_server_program`,
+//!   …): a DBA-made `aad:x` cannot become a path to privileges outside the namespace. Such roles
+//!   are reported as `refused`.
 //! - Concurrent first logins of one person: the transaction takes `pg_advisory_xact_lock` on every
 //!   name it may create, in sorted order, then re-reads the catalog; a duplicate-role error from a
 //!   writer outside idgate (`42710`/`23505`) is retried once. Within one idgate, concurrent
@@ -400,6 +400,10 @@ impl State {
             };
             if !grantable {
                 changes.refused.push((*role).to_owned());
+                // It may have become unsafe after it was granted: take it back.
+                if self.member_of.contains(*role) {
+                    changes.revoked.push((*role).to_owned());
+                }
             } else if !self.member_of.contains(*role) {
                 changes.granted.push((*role).to_owned());
             }
@@ -422,8 +426,8 @@ impl State {
 }
 
 /// Each of the names in `$1` that exists, and whether its membership may be granted: it cannot
-/// log in, and neither it nor any role it belongs to, transitively, holds an elevated attribute
-/// or is a predefined `pg_*` role.
+/// log in, and neither it nor any role it belongs to, transitively, holds an elevated attribute,
+/// is a predefined `pg_*` role, or is a login role (another person or a service account).
 const GRANTABLE_SQL: &str = "\
 SELECT r.rolname::text, (NOT r.rolcanlogin AND NOT EXISTS ( \
     WITH RECURSIVE up(oid) AS ( \
@@ -431,7 +435,8 @@ SELECT r.rolname::text, (NOT r.rolcanlogin AND NOT EXISTS ( \
         UNION SELECT m.roleid FROM pg_auth_members m JOIN up ON m.member = up.oid) \
     SELECT 1 FROM up JOIN pg_roles a ON a.oid = up.oid \
     WHERE a.rolsuper OR a.rolcreaterole OR a.rolcreatedb OR a.rolreplication \
-        OR a.rolbypassrls OR starts_with(a.rolname, 'pg_'))) \
+        OR a.rolbypassrls OR starts_with(a.rolname, 'pg_') \
+        OR (a.oid <> r.oid AND a.rolcanlogin))) \
 FROM pg_roles r WHERE r.rolname = ANY($1::text[])";
 
 async fn read_state(
@@ -498,6 +503,15 @@ mod tests {
         assert_eq!(c.granted, ["aad:a", "aad:new"]);
         assert_eq!(c.revoked, ["aad:old"]);
         assert_eq!(c.refused, ["aad:bob@x"]);
+        // A role that became unsafe after it was granted is refused and taken back.
+        let turned = State {
+            user_exists: true,
+            existing: vec![("aad:files".into(), false)],
+            member_of: ["aad:files".to_owned()].into_iter().collect(),
+        };
+        let c = turned.plan("aad:me", &["aad:files"].into_iter().collect());
+        assert_eq!(c.refused, ["aad:files"]);
+        assert_eq!(c.revoked, ["aad:files"]);
         let same = State {
             user_exists: true,
             existing: vec![("aad:a".into(), true)],

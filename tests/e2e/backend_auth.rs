@@ -589,16 +589,20 @@ CREATE ROLE builders NOLOGIN CREATEDB;
 CREATE ROLE "aad:builders" NOLOGIN;
 GRANT builders TO "aad:builders";
 CREATE ROLE "aad:rls" NOLOGIN BYPASSRLS;
+CREATE ROLE svc_etl LOGIN;
+CREATE ROLE "aad:etl" NOLOGIN;
+GRANT svc_etl TO "aad:etl";
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jit_never_grants_a_namespace_role_that_carries_privileges() {
     let setup = format!("{JIT_SETUP}{PRIVILEGED_SETUP}");
     let backend = cert_backend("jit-privileged", &["localhost", "127.0.0.1"], &setup).await;
-    const GROUPS: [(&str, &str); 3] = [
+    const GROUPS: [(&str, &str); 4] = [
         ("6f1c0000-0000-4000-8000-0000000f11e5", "files"),
         ("6f1c0000-0000-4000-8000-0000000b1d25", "builders"),
         ("6f1c0000-0000-4000-8000-000000000215", "rls"),
+        ("6f1c0000-0000-4000-8000-0000000e71e7", "etl"),
     ];
     let env = jit_env_with(&backend, |cfg| {
         for (id, role) in GROUPS {
@@ -612,7 +616,7 @@ async fn jit_never_grants_a_namespace_role_that_carries_privileges() {
     groups.push(ANALYSTS_GROUP);
     let token = env.idp.mint(&TokenSpec::user(dave).groups(&groups));
     let client = env.pg_connect(Some(dave), &token).await.unwrap();
-    // The harmless namespace role is granted and works; the three others are not granted.
+    // The harmless namespace role is granted and works; the four others are not granted.
     reads_sales_through_analysts_only(&client, &backend.cluster, role).await;
     let err = client
         .query("SELECT pg_read_file('PG_VERSION')", &[])
@@ -621,7 +625,7 @@ async fn jit_never_grants_a_namespace_role_that_carries_privileges() {
     assert_eq!(sqlstate(&err), "42501", "{err}");
     let provisioned = env.wait_event(|e| e["kind"] == "roles_provisioned").await;
     let detail = provisioned["detail"].as_str().unwrap();
-    for refused in ["aad:files", "aad:builders", "aad:rls"] {
+    for refused in ["aad:files", "aad:builders", "aad:rls", "aad:etl"] {
         assert!(
             detail.contains("not granted") && detail.contains(refused),
             "{refused}: {detail}"
