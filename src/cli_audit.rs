@@ -167,16 +167,27 @@ async fn load(
         }
         Source::Db(client) => {
             let (sql, params) = filter.sql();
-            let mut after = 0i64;
-            loop {
-                let page = pg::fetch(client, &sql, &params, after, PAGE).await?;
-                let Some((last, _)) = page.last() else { break };
-                after = *last;
-                let n = page.len();
-                page.into_iter().for_each(|(_, e)| keep(e));
-                if (n as i64) < PAGE {
-                    break;
+            if limit == usize::MAX {
+                let mut after = 0i64;
+                loop {
+                    let page = pg::fetch(client, &sql, &params, after, PAGE).await?;
+                    let Some((last, _)) = page.last() else { break };
+                    after = *last;
+                    let n = page.len();
+                    page.into_iter().for_each(|(_, e)| keep(e));
+                    if (n as i64) < PAGE {
+                        break;
+                    }
                 }
+            } else {
+                // The database picks the newest rows; nothing else crosses the network.
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let (rows, count) = pg::fetch_newest(client, &sql, &params, limit).await?;
+                let events: Vec<_> = rows.into_iter().map(|(_, e)| e).collect();
+                let count = usize::try_from(count)
+                    .unwrap_or(usize::MAX)
+                    .max(events.len());
+                return Ok((events, count));
             }
         }
     }
@@ -281,7 +292,8 @@ async fn follow(args: Box<QueryArgs>) -> anyhow::Result<ExitCode> {
             if !history {
                 let floor = (after - FOLLOW_OVERLAP).max(0);
                 let seen = pg::fetch(&client, &sql, &params, floor, FOLLOW_OVERLAP).await?;
-                printed.extend(seen.iter().map(|(seq, _)| *seq));
+                // Rows past `after` committed after it was read: they are new, not history.
+                printed.extend(seen.iter().map(|(seq, _)| *seq).filter(|seq| *seq <= after));
             }
             let mut header = true;
             loop {

@@ -187,6 +187,9 @@ impl PgSink {
     }
 }
 
+/// Time limit of one audit query.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Stored events matching `where_sql` (parameters `$1…` as text), after `after_seq`, oldest first.
 /// Returns `(seq, event)` pairs.
 pub async fn fetch(
@@ -206,9 +209,42 @@ pub async fn fetch(
     let mut args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
     args.push(&after_seq);
     args.push(&limit);
-    let rows = tokio::time::timeout(Duration::from_secs(60), client.query(&sql, &args))
+    events(client, &sql, &args).await
+}
+
+/// The newest `limit` stored events matching `where_sql`, oldest first, and how many match in
+/// all.
+pub async fn fetch_newest(
+    client: &Client,
+    where_sql: &str,
+    params: &[String],
+    limit: i64,
+) -> Result<(Vec<(i64, serde_json::Value)>, i64), PgAuditError> {
+    let n = params.len();
+    let sql = format!(
+        "SELECT seq, event::text FROM (SELECT seq, event FROM audit_events WHERE ({where_sql}) \
+         ORDER BY seq DESC LIMIT ${}) newest ORDER BY seq",
+        n + 1
+    );
+    let mut args: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+    args.push(&limit);
+    let rows = events(client, &sql, &args).await?;
+    let count_sql = format!("SELECT count(*) FROM audit_events WHERE ({where_sql})");
+    let count: i64 = tokio::time::timeout(QUERY_TIMEOUT, client.query_one(&count_sql, &args[..n]))
         .await
-        .map_err(|_| PgAuditError::Timeout(Duration::from_secs(60)))??;
+        .map_err(|_| PgAuditError::Timeout(QUERY_TIMEOUT))??
+        .get(0);
+    Ok((rows, count))
+}
+
+async fn events(
+    client: &Client,
+    sql: &str,
+    args: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<(i64, serde_json::Value)>, PgAuditError> {
+    let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(sql, args))
+        .await
+        .map_err(|_| PgAuditError::Timeout(QUERY_TIMEOUT))??;
     rows.iter()
         .map(|r| {
             let seq: i64 = r.get(0);
