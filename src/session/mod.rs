@@ -166,6 +166,41 @@ impl UserFacing for SessionError {
     }
 }
 
+/// How long a connection past the cap and past the over-cap handshakes may take to show a
+/// CancelRequest.
+const OVER_CAP_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Forward a CancelRequest to the backend of the session holding `key` (unknown keys are
+/// dropped silently, as PostgreSQL does; the audit trail says so).
+async fn forward_cancel(
+    gw: &Gateway,
+    snap: &Snapshot,
+    ctx: &mut SessionContext,
+    key: crate::protocol::startup::CancelKey,
+) {
+    ctx.set_end_reason("cancel_request");
+    let Some(target) = gw.cancels.lookup(key) else {
+        ctx.set_end_reason("cancel_request_unknown_key");
+        return;
+    };
+    ctx.facts.target = Some(target.target.addr.clone());
+    let result = backend::send_cancel(
+        &target.target,
+        target.backend_key,
+        snap.config.listener.handshake_timeout,
+    )
+    .await;
+    let detail = format!("cancelled session {}", target.session_id);
+    match result {
+        Ok(()) => ctx.emit(EventKind::CancelForwarded, None, Some(detail)),
+        Err(e) => ctx.emit(
+            EventKind::CancelForwarded,
+            Some("cancel_send_failed".into()),
+            Some(format!("{detail}: {e}")),
+        ),
+    }
+}
+
 /// Serve one accepted connection. Never panics on input; always records `session_ended`.
 pub async fn handle_client(
     gw: Arc<Gateway>,
@@ -209,7 +244,19 @@ pub async fn handle_client(
         None => match gw.over_cap_handshakes.clone().try_acquire_owned() {
             Ok(slot) => Some(slot),
             Err(_) => {
-                fail(&mut ctx, None, &SessionError::TooManyConnections).await;
+                // No TLS work, but a plaintext CancelRequest is still served: at the cap is when
+                // people need to cancel runaway queries.
+                let mut tcp = tcp;
+                let first = tokio::time::timeout(
+                    OVER_CAP_CANCEL_WAIT,
+                    crate::protocol::startup::read_initial_packet(&mut tcp),
+                )
+                .await;
+                if let Ok(Ok(crate::protocol::startup::InitialPacket::Cancel(key))) = first {
+                    forward_cancel(&gw, &snap, &mut ctx, key).await;
+                } else {
+                    fail(&mut ctx, None, &SessionError::TooManyConnections).await;
+                }
                 return;
             }
         },
@@ -240,30 +287,7 @@ pub async fn handle_client(
         Ok(Ok(h)) => h,
     };
     match handshake {
-        Handshake::Cancel(key) => {
-            ctx.set_end_reason("cancel_request");
-            if let Some(target) = gw.cancels.lookup(key) {
-                ctx.facts.target = Some(target.target.addr.clone());
-                let result = backend::send_cancel(
-                    &target.target,
-                    target.backend_key,
-                    snap.config.listener.handshake_timeout,
-                )
-                .await;
-                let detail = format!("cancelled session {}", target.session_id);
-                match result {
-                    Ok(()) => ctx.emit(EventKind::CancelForwarded, None, Some(detail)),
-                    Err(e) => ctx.emit(
-                        EventKind::CancelForwarded,
-                        Some("cancel_send_failed".into()),
-                        Some(format!("{detail}: {e}")),
-                    ),
-                }
-            } else {
-                // Unknown keys are dropped silently, as PostgreSQL does; the audit trail says so.
-                ctx.set_end_reason("cancel_request_unknown_key");
-            }
-        }
+        Handshake::Cancel(key) => forward_cancel(&gw, &snap, &mut ctx, key).await,
         Handshake::Startup {
             mut stream,
             startup,

@@ -714,3 +714,59 @@ async fn a_validly_signed_token_one_byte_over_64_kib_is_refused_on_both_carriage
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_cancel_request_is_served_even_when_every_over_cap_slot_is_taken() {
+    let env = Env::with(EnvOptions {
+        tweak: Box::new(|c, _| c.listener.max_connections = 1),
+        ..EnvOptions::default()
+    })
+    .await;
+    // The one session allowed, logged in by hand to learn idgate's BackendKeyData.
+    let mut tls = tls_connect(env.addr, env.client_tls(false)).await;
+    tls.write_all(&startup(&[("user", ALICE), ("database", "dev")], 0))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut tls).await.unwrap();
+    assert_eq!((tag, auth_code(&body)), (b'R', 3));
+    let mut password = env.token(ALICE).into_bytes();
+    password.push(0);
+    tls.write_all(&message(b'p', &password)).await.unwrap();
+    let msgs = read_until_ready(&mut tls).await;
+    let key = msgs
+        .iter()
+        .find(|(tag, _)| *tag == b'K')
+        .map(|(_, body)| body.clone())
+        .expect("BackendKeyData");
+    let mut query = b"SELECT pg_sleep(30)".to_vec();
+    query.push(0);
+    tls.write_all(&message(b'Q', &query)).await.unwrap();
+    // Every over-cap handshake slot held by a stalled connection.
+    let mut stalled = Vec::new();
+    for _ in 0..idgate::gateway::OVER_CAP_HANDSHAKES {
+        stalled.push(TcpStream::connect(env.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A plaintext CancelRequest (as libpq and pgjdbc send it) still reaches the backend.
+    let mut cancel = TcpStream::connect(env.addr).await.unwrap();
+    let mut req = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    req.extend_from_slice(&key);
+    cancel.write_all(&req).await.unwrap();
+    let started = Instant::now();
+    // RowDescription first, then the query's error.
+    let error = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let (tag, body) = read_msg(&mut tls).await.unwrap();
+            if tag == b'E' {
+                return body;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(error_code(&error), "57014");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let forwarded = env.wait_event(|e| e["kind"] == "cancel_forwarded").await;
+    assert!(forwarded["reason"].is_null(), "{forwarded}");
+    drop(stalled);
+}
