@@ -1,7 +1,8 @@
 //! Brute-force alerting: `[[audit.alerts]]` rules count failed logins per user or per client IP
-//! in a sliding window: `auth_failed` events, and `backend_login_failed` events whose backend
-//! refused the person's credential (`28P01`, `28000`: e.g. a Redshift workgroup refusing the
-//! forwarded token). Reaching the threshold emits one `alert` audit event, bumps a
+//! in a sliding window: `auth_failed` events, and `backend_login_failed` events in which a
+//! `backend_auth = "token"` pool refused the person's own token (`28P01`, `28000`: e.g. a
+//! Redshift workgroup). With other modes those codes are about idgate's credential or the
+//! server's `pg_hba.conf`, not the person, and do not count. Reaching the threshold emits one `alert` audit event, bumps a
 //! counter and (optionally) POSTs the alert as JSON to a webhook; the same rule and key stay quiet
 //! for one window after firing. Webhooks run in their own task with a timeout and a few retries,
 //! so a slow receiver never delays a session.
@@ -53,10 +54,13 @@ const FAILED_LOGIN_BACKEND_REASONS: [&str; 2] = ["backend_refused_28P01", "backe
 fn is_failed_login(event: &AuditEvent) -> bool {
     match event.kind {
         EventKind::AuthFailed => true,
-        EventKind::BackendLoginFailed => event
-            .reason
-            .as_deref()
-            .is_some_and(|r| FAILED_LOGIN_BACKEND_REASONS.contains(&r)),
+        EventKind::BackendLoginFailed => {
+            event.facts.backend_auth == Some("token")
+                && event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| FAILED_LOGIN_BACKEND_REASONS.contains(&r))
+        }
         _ => false,
     }
 }
@@ -217,8 +221,18 @@ mod tests {
     use crate::{audit::SessionFacts, types::SessionId};
 
     fn failure(kind: EventKind, reason: &str, user: &str) -> AuditEvent {
+        failure_in(kind, reason, user, "token")
+    }
+
+    fn failure_in(
+        kind: EventKind,
+        reason: &str,
+        user: &str,
+        backend_auth: &'static str,
+    ) -> AuditEvent {
         let facts = SessionFacts {
             db_user: Some(user.into()),
+            backend_auth: Some(backend_auth),
             ..SessionFacts::default()
         };
         let mut e = crate::audit::event(
@@ -241,11 +255,23 @@ mod tests {
             webhook_url: None,
         }]);
         let u = "aad:alice@x";
-        // Not failed logins of the person: the backend was down, the database does not exist.
+        // Not failed logins of the person: the backend was down, the database does not exist,
+        // or (not a token pool) idgate's own credential or pg_hba.conf was refused.
         for reason in ["backend_connect_failed", "backend_refused_3D000"] {
             assert!(alerter
                 .observe(&failure(EventKind::BackendLoginFailed, reason, u))
                 .is_empty());
+        }
+        for mode in ["password", "client_cert", "trust"] {
+            for _ in 0..3 {
+                let e = failure_in(
+                    EventKind::BackendLoginFailed,
+                    "backend_refused_28P01",
+                    u,
+                    mode,
+                );
+                assert!(alerter.observe(&e).is_empty(), "{mode}");
+            }
         }
         assert!(alerter
             .observe(&failure(EventKind::AuthFailed, "expired", u))

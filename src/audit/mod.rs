@@ -203,6 +203,9 @@ pub struct SessionFacts {
     /// Pool the session was routed to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// How idgate logs in to that pool (`token`, `client_cert`, `password`, `trust`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_auth: Option<&'static str>,
     /// Target (host:port) that served the session.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,

@@ -483,6 +483,7 @@ async fn session(
         }
     };
     ctx.facts.pool = Some(pool.config.name.clone());
+    ctx.facts.backend_auth = Some(pool.config.backend_auth.mode());
     ctx.facts.route_rule = Some(decision.rule.as_str());
     if decision.database.is_some() {
         ctx.facts.database = decision.database.clone();
