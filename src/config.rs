@@ -1025,7 +1025,7 @@ impl Config {
             let path = k["IDGATE__".len()..].to_lowercase().replace("__", ".");
             if path
                 .split('.')
-                .any(|s| s.bytes().all(|b| b.is_ascii_digit()))
+                .any(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
             {
                 env_issues.push(ConfigIssue {
                     path: bracket_indices(&path),

@@ -338,12 +338,12 @@ pub fn render(events: &[Value], format: OutputFormat) -> String {
 /// client put into its startup values are shown escaped (`\n`, `\u{1b}`), so no cell can forge a
 /// row or drive the terminal.
 fn printable(s: &str) -> Cow<'_, str> {
-    if s.chars().any(char::is_control) {
+    if s.chars().any(is_unsafe_for_terminal) {
         Cow::Owned(
             s.chars()
                 .map(|c| {
-                    if c.is_control() {
-                        c.escape_debug().to_string()
+                    if is_unsafe_for_terminal(c) {
+                        c.escape_unicode().to_string()
                     } else {
                         c.to_string()
                     }
@@ -353,6 +353,13 @@ fn printable(s: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(s)
     }
+}
+
+/// Control characters, bidirectional overrides and isolates (which reorder what a terminal
+/// shows), and zero-width characters (which hide text).
+fn is_unsafe_for_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
@@ -509,17 +516,17 @@ mod tests {
         let events = vec![
             json!({"time":"2025-01-01T11:00:00.000Z","kind":"auth_failed","outcome":"failure","client_user":forged,"session_id":"s9"}),
             json!({"time":"2025-01-01T11:00:01.000Z","kind":"auth_failed","outcome":"failure","client_user":"=HYPERLINK(\"x\")","session_id":"s10"}),
+            json!({"time":"2025-01-01T11:00:02.000Z","kind":"auth_failed","outcome":"failure","client_user":"eve\u{202e}nimda\u{200b}","session_id":"s11"}),
         ];
         let table = render(&events, OutputFormat::Table);
-        assert_eq!(table.lines().count(), 3, "{table}");
+        assert_eq!(table.lines().count(), 4, "{table}");
         assert!(!table.contains('\u{1b}'));
-        assert!(
-            table.contains("mallory\\n2026") && table.contains("\\u{1b}[8m"),
-            "{table}"
-        );
+        assert!(table.contains("mallory\\u{a}2026"), "{table}");
+        assert!(table.contains("\\u{1b}[8m"), "{table}");
+        assert!(table.contains("eve\\u{202e}nimda\\u{200b}"), "{table}");
         let csv = render(&events, OutputFormat::Csv);
-        assert_eq!(csv.lines().count(), 3, "{csv}");
-        assert!(!csv.contains('\u{1b}'));
+        assert_eq!(csv.lines().count(), 4, "{csv}");
+        assert!(!csv.contains('\u{1b}') && !csv.contains('\u{202e}'));
         assert!(csv.contains("\"'=HYPERLINK(\"\"x\"\")\""), "{csv}");
         let summary = summarize(&events).to_string();
         assert!(!summary.contains('\u{1b}'), "{summary}");
