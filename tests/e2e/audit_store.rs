@@ -728,18 +728,10 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
     ];
     // --limit keeps the newest matches and says so on stderr.
     for source in &sources {
-        let all: Vec<String> = cli(
+        let all = event_ids(&cli(
             &[&["audit", "query", "--format", "json"][..], source].concat(),
             &[],
-        )
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["event_id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+        ));
         assert_eq!(all.len(), 6, "{source:?}");
         let out = Command::new(env!("CARGO_BIN_EXE_idgate"))
             .args(["audit", "query", "--format", "json", "--limit", "2"])
@@ -748,15 +740,7 @@ async fn audit_cli_every_filter_and_format_on_files_and_postgres() {
             .output()
             .unwrap();
         assert!(out.status.success());
-        let newest: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["event_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
+        let newest = event_ids(&String::from_utf8_lossy(&out.stdout));
         assert_eq!(newest, all[4..], "{source:?}");
         let note = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -1509,4 +1493,16 @@ async fn audit_follow_prints_a_row_that_commits_after_rows_with_a_higher_seq() {
         ],
         "each event once, the late commit included, nothing from before the start"
     );
+}
+
+/// The `event_id` of each JSON line of `text`, in order.
+fn event_ids(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
 }

@@ -577,6 +577,22 @@ pub fn field_pairs(
         .collect()
 }
 
+/// The error of a connect that must be refused with `code` and a server message containing
+/// `fragment`.
+pub fn refused<T>(
+    result: Result<T, tokio_postgres::Error>,
+    code: &str,
+    fragment: &str,
+) -> tokio_postgres::Error {
+    let Err(err) = result else {
+        panic!("expected a refusal with {code} ({fragment:?}), the connect succeeded");
+    };
+    assert_eq!(sqlstate(&err), code, "{err}");
+    let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(message.contains(fragment), "{fragment:?} not in {err}");
+    err
+}
+
 /// The SQLSTATE of a tokio-postgres error.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.as_db_error()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use idgate::devidp::TokenSpec;
 
 use crate::harness::{
-    field_pairs, free_port, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB,
+    field_pairs, free_port, refused, sqlstate, Env, EnvOptions, ALICE, ANALYSTS_GROUP, BOB,
 };
 
 fn three_pools() -> EnvOptions {
@@ -1271,17 +1271,10 @@ targets = [{{ addr = "{{c0}}" }}, {{ addr = "{{c1}}" }}]
     assert_eq!(in_server_logs(&env, auth_failed), 0);
     let mut sessions = Vec::new();
     for _ in 0..2 {
-        let err = connect_with(&env, &env.token(ALICE), "wrong/dev", None)
-            .await
-            .err()
-            .unwrap_or_else(|| panic!("a wrong backend password is refused"));
-        assert_eq!(sqlstate(&err), "28P01", "{err}");
-        assert!(
-            err.as_db_error()
-                .unwrap()
-                .message()
-                .contains("password authentication failed"),
-            "{err}"
+        let err = refused(
+            connect_with(&env, &env.token(ALICE), "wrong/dev", None).await,
+            "28P01",
+            "password authentication failed",
         );
         sessions.push(refusal_session_id(&err));
     }
@@ -1466,18 +1459,10 @@ async fn fail_open_forces_a_session_onto_a_target_that_only_its_probe_calls_down
     let c0 = env.clusters[0].addr().to_string();
     // No probe role: the cluster is running, but its probe login fails.
     wait_health(&env, &c0, "down").await;
-    let err = env
-        .pg_connect(Some(ALICE), &env.token(ALICE))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("fail_closed refuses while the only target is down"));
-    assert_eq!(sqlstate(&err), "08006", "{err}");
-    assert!(
-        err.as_db_error()
-            .unwrap()
-            .message()
-            .contains("no healthy database target"),
-        "{err}"
+    refused(
+        env.pg_connect(Some(ALICE), &env.token(ALICE)).await,
+        "08006",
+        "no healthy database target",
     );
     reload_when_all_unhealthy(&env, "fail_closed", "fail_open").await;
     let c = env
